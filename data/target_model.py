@@ -1,0 +1,116 @@
+"""The serving runtime: a decoder-only transformer in numpy, Hugging Face naming."""
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass
+class Model:
+    config: dict  # config.json
+    weights: dict[str, np.ndarray]
+
+
+def expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """Every tensor the runtime reads for this config, with its shape."""
+    H, d = config["hidden_size"], config["head_dim"]
+    nq, nkv = config["num_attention_heads"], config["num_key_value_heads"]
+    inter, V = config["intermediate_size"], config["vocab_size"]
+    shapes = {"model.embed_tokens.weight": (V, H), "model.norm.weight": (H,),
+              "lm_head.weight": (V, H)}
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        shapes |= {
+            p + "input_layernorm.weight": (H,),
+            p + "self_attn.q_proj.weight": (nq * d, H),
+            p + "self_attn.k_proj.weight": (nkv * d, H),
+            p + "self_attn.v_proj.weight": (nkv * d, H),
+            p + "self_attn.o_proj.weight": (H, nq * d),
+            p + "post_attention_layernorm.weight": (H,),
+            p + "mlp.gate_proj.weight": (inter, H),
+            p + "mlp.up_proj.weight": (inter, H),
+            p + "mlp.down_proj.weight": (H, inter),
+        }
+        if config["qkv_bias"]:
+            shapes |= {p + "self_attn.q_proj.bias": (nq * d,),
+                       p + "self_attn.k_proj.bias": (nkv * d,),
+                       p + "self_attn.v_proj.bias": (nkv * d,)}
+        if config["qk_norm"]:
+            shapes |= {p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,)}
+    return shapes
+
+
+def load_checkpoint(path: str | Path, config_path: str | Path = "config.json") -> Model:
+    config = json.loads(Path(config_path).read_text())
+    weights = {}
+    with np.load(path, allow_pickle=False) as f:
+        for name, shape in expected_shapes(config).items():
+            weights[name] = f[name].astype(np.float64)
+            assert weights[name].shape == shape, f"{name}: {weights[name].shape} != {shape}"
+    return Model(config, weights)
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, config: dict) -> np.ndarray:
+    scale = 1.0 + weight if config["norm_weight_offset"] else weight
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + config["rms_norm_eps"]) * scale
+
+
+def rotate_half(x: np.ndarray) -> np.ndarray:
+    """(..., d) -> (..., d): [x1, x2] -> [-x2, x1]."""
+    x1, x2 = np.split(x, 2, axis=-1)
+    return np.concatenate((-x2, x1), axis=-1)
+
+
+def apply_rope(x: np.ndarray, config: dict) -> np.ndarray:
+    """x: (T, heads, head_dim); rotates the first partial_rotary_factor of each head."""
+    dim = int(config["head_dim"] * config["partial_rotary_factor"])
+    inv_freq = 1.0 / config["rope_theta"] ** (np.arange(0, dim, 2) / dim)
+    freqs = np.outer(np.arange(x.shape[0]), inv_freq)
+    emb = np.concatenate((freqs, freqs), axis=-1)[:, None, :]  # (T, 1, dim)
+    rot, rest = x[..., :dim], x[..., dim:]
+    rot = rot * np.cos(emb) + rotate_half(rot) * np.sin(emb)
+    return np.concatenate((rot, rest), axis=-1)
+
+
+def share_kv(x: np.ndarray, n_rep: int, config: dict) -> np.ndarray:
+    """(T, kv_heads, d) -> (T, kv_heads * n_rep, d), the kv head each query head reads."""
+    if config["kv_head_sharing"] == "tile":
+        return np.tile(x, (1, n_rep, 1))
+    return np.repeat(x, n_rep, axis=1)
+
+
+def self_attn(h: np.ndarray, w: dict, p: str, config: dict) -> np.ndarray:
+    T, d = h.shape[0], config["head_dim"]
+    nq, nkv = config["num_attention_heads"], config["num_key_value_heads"]
+    q, k, v = (h @ w[p + name + ".weight"].T for name in ("q_proj", "k_proj", "v_proj"))
+    if config["qkv_bias"]:
+        q, k, v = q + w[p + "q_proj.bias"], k + w[p + "k_proj.bias"], v + w[p + "v_proj.bias"]
+    q, k, v = q.reshape(T, nq, d), k.reshape(T, nkv, d), v.reshape(T, nkv, d)
+    if config["qk_norm"]:
+        q, k = rms_norm(q, w[p + "q_norm.weight"], config), rms_norm(k, w[p + "k_norm.weight"], config)
+    q, k = apply_rope(q, config), apply_rope(k, config)
+    k, v = share_kv(k, nq // nkv, config), share_kv(v, nq // nkv, config)
+    scores = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(d)
+    scores = np.where(np.tril(np.ones((T, T), bool)), scores, -np.inf)
+    probs = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    probs /= probs.sum(axis=-1, keepdims=True)
+    return np.einsum("hqk,khd->qhd", probs, v).reshape(T, nq * d) @ w[p + "o_proj.weight"].T
+
+
+def mlp(h: np.ndarray, w: dict, p: str) -> np.ndarray:
+    gate, up = h @ w[p + "gate_proj.weight"].T, h @ w[p + "up_proj.weight"].T
+    return (gate / (1 + np.exp(-gate)) * up) @ w[p + "down_proj.weight"].T
+
+
+def forward(model: Model, tokens: np.ndarray) -> np.ndarray:
+    """tokens: (T,) int -> logits (T, vocab_size) float64."""
+    config, w = model.config, model.weights
+    x = w["model.embed_tokens.weight"][np.asarray(tokens)]
+    if config["scale_embeddings"]:
+        x = x * np.sqrt(config["hidden_size"])
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        x = x + self_attn(rms_norm(x, w[p + "input_layernorm.weight"], config), w, p + "self_attn.", config)
+        x = x + mlp(rms_norm(x, w[p + "post_attention_layernorm.weight"], config), w, p + "mlp.")
+    return rms_norm(x, w["model.norm.weight"], config) @ w["lm_head.weight"].T
