@@ -1,2 +1,212 @@
+"""The model's tools: a sandboxed, stateful Python process, and submit.
+
+The model's code is untrusted. Each run gets one worker process, isolated with bubblewrap
+(no network, read-only system, its workspace the only writable place, nothing of the
+project visible) and bounded by rlimits. Where bwrap is missing or unusable, the worker
+runs as a plain process with the same rlimits and the caller is told so.
+"""
+import asyncio
+import json
+import os
+import secrets
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
 CALL_TIMEOUT_S = 60
-OUTPUT_LIMIT = 10_000
+OUTPUT_LIMIT = 10_000  # characters returned per call; the middle is cut beyond this
+MEMORY_BYTES = 4 * 2**30  # address space
+CPU_SECONDS = 900  # over the worker's lifetime
+MAX_PROCESSES = 64  # enforced when the harness runs as root (the worker gets its own uid)
+MAX_FILE_BYTES = 256 * 2**20
+SANDBOX_WORKSPACE = "/workspace"
+
+# Runs inside the sandbox as `python -c`. Requests and results travel as JSON lines on the
+# worker's original stdin/stdout; the model's code sees /dev/null and a capture file instead.
+WORKER = r"""
+import json, os, resource, sys, tempfile, traceback
+settings = json.loads(sys.argv[1])
+uid, limit = settings["uid"], settings["output_limit"]
+for name, value in settings["rlimits"].items():
+    resource.setrlimit(getattr(resource, name), (value, value))
+if uid >= 0:
+    os.setgroups([]); os.setgid(uid); os.setuid(uid)
+requests, results = os.fdopen(os.dup(0), "rb"), os.fdopen(os.dup(1), "wb")
+os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+worker_pid = os.getpid()
+
+def cut(text):
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit // 2]}\n[... {len(text) - limit // 2 * 2} characters left out ...]\n{text[-(limit // 2):]}"
+
+namespace = {"__name__": "__main__"}
+for line in requests:
+    code, error = json.loads(line)["code"], ""
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 1)
+        os.dup2(capture.fileno(), 2)
+        try:
+            exec(compile(code, "<cell>", "exec"), namespace)
+        except SystemExit as e:
+            error = f"SystemExit({e.code!r}) was raised; the process keeps running.\n"
+        except BaseException as e:
+            error = "".join(traceback.format_exception(type(e), e, e.__traceback__.tb_next))
+        if os.getpid() != worker_pid:  # a child forked by the model's code must not answer
+            os._exit(0)
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except OSError:
+                pass
+        size, half = capture.seek(0, 2), limit // 2
+        capture.seek(0)
+        if size <= limit:
+            output = capture.read().decode(errors="replace")
+        else:
+            head = capture.read(half).decode(errors="replace")
+            capture.seek(size - half)
+            tail = capture.read().decode(errors="replace")
+            output = f"{head}\n[... {size - 2 * half} bytes of output left out ...]\n{tail}"
+    results.write(json.dumps({"output": output + cut(error), "error": bool(error)}).encode() + b"\n")
+    results.flush()
+"""
+
+
+@dataclass
+class ToolResult:
+    output: str
+    is_error: bool = False
+
+
+def bwrap_usable() -> bool:
+    """bwrap exists and can create the namespaces the sandbox uses."""
+    if shutil.which("bwrap") is None:
+        return False
+    try:
+        probe = subprocess.run(bwrap_prefix(Path("/")) + ["true"], capture_output=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return probe.returncode == 0
+
+
+def bwrap_prefix(workspace: Path) -> list[str]:
+    """The bwrap command line up to the program: system read-only, the workspace writable."""
+    args = ["bwrap", "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
+            "--unshare-cgroup-try", "--die-with-parent", "--new-session",
+            "--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--size", str(MAX_FILE_BYTES), "--tmpfs", "/tmp"]
+    for path in ("/usr", "/bin", "/lib", "/lib64", "/lib32", "/sbin", "/etc/ld.so.cache",
+                 "/etc/localtime", sys.base_prefix, sys.prefix):
+        for parent in reversed(Path(path).parents[:-1]):  # traversable by the worker's uid
+            args += ["--perms", "0755", "--dir", str(parent)]
+        args += ["--ro-bind-try", path, path]
+    if os.geteuid() == 0:  # the worker switches to a uid of its own, so RLIMIT_NPROC applies
+        args += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
+    else:
+        args += ["--unshare-user"]
+    return args + ["--bind", str(workspace), SANDBOX_WORKSPACE, "--chdir", SANDBOX_WORKSPACE]
+
+
+def worker_env() -> dict[str, str]:
+    """Only what Python needs: nothing of the harness's environment, no API key."""
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8",
+           "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    # Set on some processors so that older OpenBLAS builds compute correctly.
+    env |= {k: v for k, v in os.environ.items() if k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")}
+    return env
+
+
+class Sandbox:
+    """One run's Python worker: stateful across calls, restarted after a timeout or a crash."""
+
+    def __init__(self, workspace: Path, *, isolate: bool, timeout: float = CALL_TIMEOUT_S):
+        self.workspace = Path(workspace).resolve()
+        self.isolate = isolate
+        self.timeout = timeout
+        self.uid = 100_000 + secrets.randbelow(2**30) if isolate and os.geteuid() == 0 else -1
+        self.proc: asyncio.subprocess.Process | None = None
+        if self.uid >= 0:
+            for path in [self.workspace, *self.workspace.rglob("*")]:
+                os.chown(path, self.uid, self.uid, follow_symlinks=False)
+
+    async def _start(self) -> asyncio.subprocess.Process:
+        rlimits = {"RLIMIT_AS": MEMORY_BYTES, "RLIMIT_CPU": CPU_SECONDS, "RLIMIT_FSIZE": MAX_FILE_BYTES,
+                   "RLIMIT_CORE": 0} | ({"RLIMIT_NPROC": MAX_PROCESSES} if self.uid >= 0 else {})
+        settings = {"uid": self.uid, "output_limit": OUTPUT_LIMIT, "rlimits": rlimits}
+        worker = [sys.executable, "-u", "-c", WORKER, json.dumps(settings)]
+        if self.isolate:
+            cmd, cwd = bwrap_prefix(self.workspace) + worker, None
+        else:
+            cmd, cwd = worker, self.workspace
+        return await asyncio.create_subprocess_exec(
+            *cmd, cwd=cwd, env=worker_env(), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, start_new_session=True, limit=4 * OUTPUT_LIMIT + 2**16)
+
+    async def run(self, code: str) -> ToolResult:
+        if self.proc is None:
+            self.proc = await self._start()
+        proc = self.proc
+        try:
+            proc.stdin.write(json.dumps({"code": code}).encode() + b"\n")
+            await proc.stdin.drain()
+            line = await asyncio.wait_for(proc.stdout.readline(), self.timeout)
+        except TimeoutError:
+            await self.close()
+            return ToolResult(f"Timed out after {self.timeout:g} s: the Python process was killed and restarted. "
+                              "Variables, imports and functions are lost; files in the working directory remain.",
+                              is_error=True)
+        except (BrokenPipeError, ConnectionResetError):
+            line = b""
+        if not line:
+            code = await self.close()
+            # Anything here was written before the worker took over its stderr: a start-up failure.
+            startup = (await proc.stderr.read(2000)).decode(errors="replace")
+            return ToolResult(f"The Python process ended during this call (exit status {code}) and was restarted. "
+                              "Its output is lost, and so are variables, imports and functions; "
+                              f"files in the working directory remain.\n{startup}".rstrip(), is_error=True)
+        result = json.loads(line)
+        return ToolResult(result["output"] or "(no output)", result["error"])
+
+    async def close(self) -> int | None:
+        """Kill the worker and everything it started; the next call starts a fresh one."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return None
+        if proc.returncode is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return await proc.wait()
+
+
+class SubmitError(Exception):
+    """A submission the harness refuses; the message is for the model."""
+
+
+def resolve_submission(workspace: Path, path: str) -> Path:
+    """The regular file inside the workspace that `path` names, or SubmitError."""
+    if not isinstance(path, str) or not path or "\0" in path:
+        raise SubmitError("path must be a non-empty string")
+    if os.path.isabs(path):
+        raise SubmitError(f"{path!r} is absolute; give a path relative to the working directory")
+    root = Path(workspace).resolve()
+    target = (root / path).resolve()
+    if not target.is_relative_to(root):
+        raise SubmitError(f"{path!r} resolves outside the working directory")
+    if not target.is_file():
+        raise SubmitError(f"{path!r} is not a file in the working directory")
+    return target
+
+
+def copy_submission(source: Path, dest: Path, max_bytes: int) -> None:
+    """Copy at most max_bytes + 1 bytes of a regular file, never following a symlink."""
+    fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as src, open(dest, "wb") as out:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise SubmitError(f"{source.name} is not a regular file")
+        out.write(src.read(max_bytes + 1))

@@ -1,0 +1,164 @@
+"""The sandbox, run for real: bubblewrap where it is usable, plain processes otherwise."""
+import asyncio
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from tools import OUTPUT_LIMIT, Sandbox, SubmitError, bwrap_usable, resolve_submission
+
+ROOT = Path(__file__).resolve().parents[1]
+ISOLATED = bwrap_usable()
+needs_bwrap = pytest.mark.skipif(not ISOLATED, reason="bwrap cannot create namespaces here")
+
+
+def run(sandbox: Sandbox, *codes: str) -> list:
+    async def go():
+        try:
+            return [await sandbox.run(code) for code in codes]
+        finally:
+            await sandbox.close()
+    return asyncio.run(go())
+
+
+@pytest.fixture(params=[pytest.param(True, marks=needs_bwrap), False], ids=["bwrap", "plain"])
+def sandbox(request, tmp_path):
+    (tmp_path / "ws").mkdir()
+    return Sandbox(tmp_path / "ws", isolate=request.param, timeout=3)
+
+
+def test_state_persists_and_output_is_captured_in_order(sandbox):
+    first, second = run(sandbox, "import sys\nx = 41\nprint('out')\nprint('err', file=sys.stderr)",
+                        "x += 1\nprint(x)\nopen('f.txt', 'w').write('kept')")
+    assert (first.output, first.is_error) == ("out\nerr\n", False)
+    assert second.output == "42\n"
+    assert (sandbox.workspace / "f.txt").read_text() == "kept"
+
+
+def test_exception_returns_traceback(sandbox):
+    (r,) = run(sandbox, "def f():\n    return 1 / 0\nprint('before')\nf()")
+    assert r.is_error and r.output.startswith("before\nTraceback") and "ZeroDivisionError" in r.output
+    assert 'File "<string>"' not in r.output  # the worker's own frame is not shown
+
+
+def test_timeout_restarts_worker_and_next_call_works(sandbox):
+    start = time.monotonic()
+    r1, r2, r3 = run(sandbox, "x = 1\nwhile True: pass", "print(x)", "print('alive')")
+    assert time.monotonic() - start < 15
+    assert r1.is_error and "Timed out after 3 s" in r1.output and "Variables" in r1.output
+    assert r2.is_error and "NameError" in r2.output
+    assert (r3.output, r3.is_error) == ("alive\n", False)
+
+
+def test_huge_allocation_fails_cleanly(sandbox):
+    r1, r2 = run(sandbox, "import numpy as np\na = np.ones(10 * 2**30 // 8)", "print('alive')")
+    assert r1.is_error and "MemoryError" in r1.output
+    assert r2.output == "alive\n"
+
+
+def test_huge_print_is_cut_in_the_middle(sandbox):
+    (r,) = run(sandbox, "print('a' * 30_000 + 'b' * 30_000)\nprint('end')")
+    assert len(r.output) < OUTPUT_LIMIT + 200
+    assert r.output.startswith("aaa") and r.output.endswith("b\nend\n")
+    assert "50005 bytes of output left out" in r.output
+
+
+def test_exits_end_only_the_worker(sandbox):
+    r1, r2, r3, r4 = run(sandbox, "import sys\nx = 1\nsys.exit(3)", "print(x)", "import os\nos._exit(4)",
+                         "print('alive')")
+    assert r1.is_error and "SystemExit(3)" in r1.output
+    assert r2.output == "1\n"
+    assert r3.is_error and "exit status 4" in r3.output and "restarted" in r3.output
+    assert r4.output == "alive\n"
+
+
+def test_no_secret_in_environment(sandbox, monkeypatch):
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-secret")
+    (r,) = run(sandbox, "import os\nprint(sorted(os.environ))\nprint('sk-secret' in str(os.environ))")
+    assert "ANTHROPIC_API_KEY" not in r.output and r.output.endswith("False\n")
+
+
+@needs_bwrap
+def test_isolation(tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "secret.txt").write_text("other run")
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    (tmp_path / "ws").mkdir()
+    sb = Sandbox(tmp_path / "ws", isolate=True, timeout=10)
+    probes = {
+        "project": f"open({str(ROOT / 'grader.py')!r}).read()",
+        "other run": f"open({str(other / 'secret.txt')!r}).read()",
+        "network": f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2)",
+        "system write": "open('/usr/lib/x', 'w')",
+        "write outside": f"open({str(tmp_path / 'escape.txt')!r}, 'w')",
+    }
+    results = run(sb, *probes.values(), "print(open('own.txt', 'w').write('ok'))")
+    listener.close()
+    for name, r in zip(probes, results[:-1], strict=True):
+        assert r.is_error and "Error" in r.output, name
+    assert results[-1].output == "2\n" and (tmp_path / "ws" / "own.txt").exists()
+    assert not (tmp_path / "escape.txt").exists()
+
+
+@needs_bwrap
+def test_fork_bomb_is_contained_and_cleaned_up(tmp_path):
+    (tmp_path / "ws").mkdir()
+    sb = Sandbox(tmp_path / "ws", isolate=True, timeout=5)
+    bomb = "import os\nwhile True:\n    os.fork()"
+    r1, r2 = run(sb, bomb, "print('alive')")
+    assert r1.is_error and ("BlockingIOError" in r1.output or "Timed out" in r1.output)
+    assert r2.output == "alive\n"
+    if sb.uid >= 0:  # every process of the worker's uid is gone once the sandbox is closed
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and any(
+                p.stat().st_uid == sb.uid for p in Path("/proc").iterdir() if p.name.isdigit() and p.exists()):
+            time.sleep(0.1)
+        assert not any(p.stat().st_uid == sb.uid for p in Path("/proc").iterdir() if p.name.isdigit() and p.exists())
+
+
+def test_calls_in_different_sandboxes_run_in_parallel(tmp_path):
+    boxes = []
+    for i in range(4):
+        (tmp_path / str(i)).mkdir()
+        boxes.append(Sandbox(tmp_path / str(i), isolate=ISOLATED, timeout=10))
+
+    async def go():
+        await asyncio.gather(*(b.run("pass") for b in boxes))  # start-up is not what is measured
+        start = time.monotonic()
+        results = await asyncio.gather(*(b.run("import time\ntime.sleep(1)\nprint('done')") for b in boxes))
+        elapsed = time.monotonic() - start
+        await asyncio.gather(*(b.close() for b in boxes))
+        return results, elapsed
+
+    results, elapsed = asyncio.run(go())
+    assert all(r.output == "done\n" for r in results)
+    assert elapsed < 2.5
+
+
+def test_submit_path_must_stay_in_workspace(tmp_path):
+    ws = tmp_path / "ws"
+    (ws / "sub").mkdir(parents=True)
+    (ws / "sub" / "ok.npz").write_bytes(b"x")
+    (tmp_path / "outside.npz").write_bytes(b"x")
+    (ws / "link.npz").symlink_to(tmp_path / "outside.npz")
+    (ws / "inner_link.npz").symlink_to(ws / "sub" / "ok.npz")
+    assert resolve_submission(ws, "sub/ok.npz") == (ws / "sub" / "ok.npz").resolve()
+    assert resolve_submission(ws, "inner_link.npz") == (ws / "sub" / "ok.npz").resolve()
+    for bad, why in [("../outside.npz", "outside"), ("link.npz", "outside"), (str(ws / "sub/ok.npz"), "absolute"),
+                     ("missing.npz", "not a file"), ("sub", "not a file"), ("", "non-empty"), (5, "non-empty")]:
+        with pytest.raises(SubmitError, match=why):
+            resolve_submission(ws, bad)
+
+
+@needs_bwrap
+def test_worker_start_failure_is_reported(tmp_path):
+    (tmp_path / "ws").mkdir()
+    sb = Sandbox(tmp_path / "ws", isolate=True, timeout=5)
+    (tmp_path / "ws").rmdir()
+    (r,) = run(sb, "print(1)")
+    assert r.is_error and "ended during this call" in r.output and "bwrap" in r.output
