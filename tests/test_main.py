@@ -1,0 +1,159 @@
+"""The real agent loop, sandbox and grader, driven by the scripted stand-in for the API."""
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import main
+from scripted_api import ScriptedClient, api_error, conversion_script, reply, text, tool_use
+from tools import bwrap_usable
+
+ROOT = Path(__file__).resolve().parents[1]
+ISOLATE = bwrap_usable()
+
+
+def run_script(tmp_path, replies, *flags, latency=0.0) -> tuple[main.Run, ScriptedClient]:
+    opts = main.parse_args(["--level", "1", "--out", str(tmp_path), *flags])
+    client = ScriptedClient(replies, latency=latency)
+    run = asyncio.run(main.run_one(main.Run(0, 0, 1), client, opts, ISOLATE))
+    return run, client
+
+
+def results_of(request: dict) -> list[dict]:
+    return request["messages"][-1]["content"]
+
+
+def test_reference_conversion_passes_and_transcript_is_written(tmp_path):
+    run, _ = run_script(tmp_path, conversion_script(None))
+    assert (run.outcome, run.label, run.steps) == ("pass", "pass", 2)
+    transcript = json.loads((tmp_path / "run-000" / "transcript.json").read_text())
+    assert transcript["outcome"] == "pass" and len(transcript["messages"]) == 4
+    assert transcript["messages"][2]["content"][0]["content"] == "wrote converted.npz\n"
+    assert transcript["usage"]["input_tokens"] > 0 and len(transcript["step_log"]) == 2
+
+
+def test_wrong_conversion_fails_with_its_label(tmp_path):
+    run, _ = run_script(tmp_path, conversion_script("gate_up_order"))
+    assert (run.outcome, run.label) == ("fail", "gate_up_order")
+
+
+def test_every_request_caches_its_newest_block(tmp_path):
+    _, client = run_script(tmp_path, conversion_script(None))
+    for request in client.requests:
+        assert json.dumps(request).count("cache_control") == 1
+        assert "cache_control" in request["messages"][-1]["content"][-1]
+
+
+def test_end_turn_without_submission(tmp_path):
+    run, _ = run_script(tmp_path, [reply(text("I give up."), stop_reason="end_turn")])
+    assert (run.outcome, run.label, run.steps) == ("fail", "no_submission", 1)
+
+
+@pytest.mark.parametrize("reason", ["refusal", "model_context_window_exceeded"])
+def test_other_stop_reasons_end_with_their_own_label(tmp_path, reason):
+    run, _ = run_script(tmp_path, [reply(text("..."), stop_reason=reason)])
+    assert (run.outcome, run.label) == ("fail", f"stop_{reason}")
+
+
+def test_max_tokens_mid_tool_call_gets_an_error_result_and_the_run_goes_on(tmp_path):
+    cut = reply(text("Let me write it all"), tool_use("python", {"code": "print('almost"}), stop_reason="max_tokens")
+    run, client = run_script(tmp_path, [cut, *conversion_script(None)])
+    assert run.outcome == "pass" and run.steps == 3
+    answer = results_of(client.requests[1])
+    assert answer[0]["is_error"] and "cut off by the max_tokens limit" in answer[0]["content"]
+    assert answer[-1]["type"] == "text" and "max_tokens" in answer[-1]["text"]
+
+
+def test_max_tokens_in_text_asks_to_continue(tmp_path):
+    run, client = run_script(tmp_path, [reply(text("A long thought"), stop_reason="max_tokens")])
+    assert run.label == "no_submission"  # the script then ends its turn
+    assert "cut off" in results_of(client.requests[1])[0]["text"]
+
+
+def test_several_tool_calls_per_reply_run_in_order(tmp_path):
+    both = reply(tool_use("python", {"code": "x = 2"}), tool_use("python", {"code": "print(x * 21)"}))
+    _, client = run_script(tmp_path, [both])
+    first, second = results_of(client.requests[1])
+    assert (first["content"], second["content"]) == ("(no output)", "42\n")
+
+
+def test_unknown_tool_and_malformed_input_get_error_results(tmp_path):
+    bad = reply(tool_use("bash", {"cmd": "ls"}), tool_use("python", {"source": "1"}), tool_use("submit", {}),
+                tool_use("submit", {"path": "../../etc/passwd"}))
+    run, client = run_script(tmp_path, [bad, *conversion_script(None)])
+    assert run.outcome == "pass"
+    results = results_of(client.requests[1])
+    assert all(r["is_error"] for r in results)
+    assert "Unknown tool 'bash'" in results[0]["content"]
+    assert "python needs an input" in results[1]["content"]
+    assert "non-empty string" in results[2]["content"]
+    assert "outside the working directory" in results[3]["content"]
+
+
+def test_api_error_after_retries_is_an_error_not_a_failure(tmp_path):
+    run, _ = run_script(tmp_path, [reply(tool_use("python", {"code": "1"})), api_error(529)])
+    assert (run.outcome, run.label) == ("error", "api_error")
+    summary = main.summarize([run], main.parse_args(["--out", str(tmp_path)]), "test", 1.0, 1)
+    assert summary["graded"] == 0 and summary["errors"] == {"api_error": 1} and summary["pass_rate"] is None
+
+
+def test_a_harness_crash_is_recorded_and_other_runs_finish(tmp_path):
+    opts = main.parse_args(["--level", "1", "--out", str(tmp_path)])
+    clients = [ScriptedClient([RuntimeError("boom")]), ScriptedClient(conversion_script(None))]
+    done: list[main.Run] = []
+    asyncio.run(main.run_all([main.Run(0, 0, 1), main.Run(1, 1, 1)], clients, opts, ISOLATE, done))
+    by_id = {r.run_id: r for r in done}
+    assert by_id[0].label == "harness_error" and "boom" in by_id[0].detail
+    assert by_id[1].outcome == "pass"
+
+
+def test_step_budget_runs_out(tmp_path):
+    steps = [reply(tool_use("python", {"code": "1"})) for _ in range(5)]
+    run, client = run_script(tmp_path, steps, "--max-steps", "3")
+    assert (run.outcome, run.label, run.steps, len(client.requests)) == ("fail", "max_steps", 3, 3)
+    assert "at most 3 replies" in client.requests[0]["messages"][0]["content"][0]["text"]
+
+
+@pytest.mark.parametrize("passes, n, low, high", [(3, 10, 0.1078, 0.6032), (0, 10, 0.0, 0.2775),
+                                                   (10, 10, 0.7225, 1.0), (25, 100, 0.1755, 0.3430)])
+def test_wilson_interval(passes, n, low, high):
+    got = main.wilson_interval(passes, n)
+    assert got == pytest.approx((low, high), abs=5e-4)
+
+
+def test_runs_overlap_in_time(tmp_path):
+    n, latency = 8, 0.25
+    opts = main.parse_args(["--level", "1", "--out", str(tmp_path), "--concurrency", str(n)])
+    script = [reply(tool_use("python", {"code": "1"})), reply(tool_use("python", {"code": "2"})),
+              reply(text("done"), stop_reason="end_turn")]
+    clients = [ScriptedClient(list(script), latency=latency) for _ in range(n)]
+    done: list[main.Run] = []
+    start = time.monotonic()
+    asyncio.run(main.run_all([main.Run(i, i, 1) for i in range(n)], clients, opts, ISOLATE, done))
+    elapsed = time.monotonic() - start
+    serial = n * 3 * latency
+    assert len(done) == n and all(r.label == "no_submission" for r in done)
+    assert elapsed < serial / 2, f"{elapsed:.2f}s for {n} runs; one after another would take {serial:.1f}s"
+
+
+def test_offline_mode_end_to_end(tmp_path, capsys):
+    assert main.main(["--offline", "--level", "4", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "offline check OK" in out and "tp_fc1_merge" in out
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["passes"] == 1 and summary["graded"] == summary["runs_planned"] == 13
+    assert summary["failures"]["vocab_padding"] == 1 and not summary["errors"]
+    assert len(list(tmp_path.glob("run-*/transcript.json"))) == 13
+
+
+def test_no_key_exits_2_with_one_clear_line(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "ANTHROPIC_API_KEY"}
+    r = subprocess.run([sys.executable, "main.py", "--out", str(tmp_path)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, check=False)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and "ANTHROPIC_API_KEY" in r.stderr and "--offline" in r.stderr
