@@ -134,7 +134,7 @@ async def run_one(run: Run, client, opts: argparse.Namespace, isolate: bool) -> 
     run_dir = opts.out / f"run-{run.run_id:03d}"
     sandbox = None
     try:
-        write_workspace(run_dir / "workspace", make_instance(run.level, run.seed))
+        await asyncio.to_thread(lambda: write_workspace(run_dir / "workspace", make_instance(run.level, run.seed)))
         sandbox = Sandbox(run_dir / "workspace", isolate=isolate)
         submission = await run_agent(run, client, sandbox, opts)
         if submission is not None:
