@@ -27,9 +27,7 @@ class Grade:
 
 
 class Invalid(Exception):
-    def __init__(self, label: str, detail: str):
-        super().__init__(detail)
-        self.label, self.detail = label, detail
+    """A submission refused before any logit is computed: Invalid(label, detail)."""
 
 
 def read_submission(path: Path, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
@@ -101,14 +99,16 @@ def grade(submission: str | Path, level: int, seed: int) -> Grade:
     try:
         weights = read_submission(Path(submission), target_model.expected_shapes(inst.config))
     except Invalid as e:
-        return Grade(False, e.label, None, e.detail)
+        label, detail = e.args
+        return Grade(False, label, None, detail)
     original = source_model.Checkpoint(
         inst.args, [{k: source_model.bf16_to_float(v) for k, v in r.items()} for r in inst.ranks])
     runtime = target_model.Model(inst.config, weights)
     with np.errstate(all="ignore"):
-        worst = max(float(np.max(np.abs(target_model.forward(runtime, tokens) - source_model.forward(original, tokens))))
-                    for tokens in token_sequences(inst.args["vocab_size"], np.random.default_rng()))
-    if worst <= TOLERANCE:  # a NaN worst never passes
+        errors = [np.max(np.abs(target_model.forward(runtime, tokens) - source_model.forward(original, tokens)))
+                  for tokens in token_sequences(inst.args["vocab_size"], np.random.default_rng())]
+    worst = float(np.max(errors))  # np.max, unlike max(), lets a NaN through to fail the check below
+    if worst <= TOLERANCE:
         return Grade(True, "pass", worst, f"max |logit difference| {worst:.3g} <= {TOLERANCE:g}")
     label, detail = diagnose(weights, inst)
     return Grade(False, label, worst, f"max |logit difference| {worst:.3g} > {TOLERANCE:g}; {detail}")

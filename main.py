@@ -98,8 +98,9 @@ async def run_agent(run: Run, client, sandbox: Sandbox, opts: argparse.Namespace
                 continue
             if use.name == "submit" and isinstance(use.input, dict):
                 try:
+                    resolve_submission(sandbox.workspace, use.input.get("path"))
+                    await sandbox.close()  # nothing may change the path while it is resolved and copied
                     source = resolve_submission(sandbox.workspace, use.input.get("path"))
-                    await sandbox.close()  # nothing may change the file while it is copied
                     copy = sandbox.workspace.parent / "submission.npz"
                     copy_submission(source, copy, MAX_SUBMISSION_BYTES)
                     return copy

@@ -127,6 +127,14 @@ def test_malformed_tensors_are_refused(change, label, save):
     assert (g.passed, g.label, g.max_error) == (False, label, None)
 
 
+def test_logits_that_overflow_for_one_token_fail(save):
+    """Finite weights whose logits are NaN for a single token id must not slip through."""
+    weights = reference(3, 0)
+    weights["model.embed_tokens.weight"][7] = 1e308  # times sqrt(hidden): inf, then NaN in the norm
+    g = grade(save(weights), 3, 0)
+    assert not g.passed and g.max_error != g.max_error  # NaN
+
+
 def test_files_that_are_not_archives_are_refused(tmp_path):
     fifo = tmp_path / "pipe.npz"
     os.mkfifo(fifo)
