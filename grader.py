@@ -43,7 +43,7 @@ def read_submission(path: Path, shapes: dict[str, tuple[int, ...]]) -> dict[str,
     try:
         with zipfile.ZipFile(path) as zf:
             members = {info.filename: info for info in zf.infolist()}
-            unpacked = sum(info.file_size for info in members.values())
+            unpacked = sum(info.file_size for info in zf.infolist())
             if unpacked > MAX_SUBMISSION_BYTES:
                 raise Invalid("too_large", f"archive unpacks to {unpacked} bytes, limit {MAX_SUBMISSION_BYTES}")
             return {name: read_member(zf, members, name, shape) for name, shape in shapes.items()}

@@ -18,14 +18,13 @@ from pathlib import Path
 
 import anthropic
 
+import task
 from grader import grade
-from task import DEFAULT_LEVEL, LEVELS, MAX_SUBMISSION_BYTES, TOOLS, build_prompt, make_instance, write_workspace
 from tools import SANDBOX_WORKSPACE, Sandbox, SubmitError, bwrap_usable, copy_submission, resolve_submission
 
 DEFAULT_MODEL = "claude-haiku-4-5"
 DEFAULT_RUNS = 10
 DEFAULT_CONCURRENCY = 10
-DEFAULT_MAX_STEPS = 40  # model replies per run
 DEFAULT_MAX_TOKENS = 16_000  # per reply: room for a long script plus its explanation
 API_RETRIES = 8  # the SDK retries 429, 5xx, overloaded and timeouts with backoff
 TARGET_BAND = (0.10, 0.40)
@@ -74,11 +73,11 @@ def tool_result(use_id: str, output: str, is_error: bool = False) -> dict:
 
 async def run_agent(run: Run, client, sandbox: Sandbox, opts: argparse.Namespace) -> Path | None:
     """The agent loop. Returns the submitted file (a copy outside the workspace) or None."""
-    run.messages.append({"role": "user", "content": build_prompt(run.level, opts.max_steps)})
+    run.messages.append({"role": "user", "content": task.build_prompt(run.level, opts.max_steps)})
     for step in range(1, opts.max_steps + 1):
         started = time.monotonic()
         response = await client.messages.create(
-            model=opts.model, max_tokens=opts.max_tokens, tools=TOOLS, messages=with_cache_breakpoint(run.messages))
+            model=opts.model, max_tokens=opts.max_tokens, tools=task.TOOLS, messages=with_cache_breakpoint(run.messages))
         run.steps = step
         usage = {k: getattr(response.usage, k) or 0 for k in USAGE_KEYS}
         run.usage = {k: run.usage[k] + usage[k] for k in USAGE_KEYS}
@@ -102,7 +101,7 @@ async def run_agent(run: Run, client, sandbox: Sandbox, opts: argparse.Namespace
                     await sandbox.close()  # nothing may change the path while it is resolved and copied
                     source = resolve_submission(sandbox.workspace, use.input.get("path"))
                     copy = sandbox.workspace.parent / "submission.npz"
-                    copy_submission(source, copy, MAX_SUBMISSION_BYTES)
+                    copy_submission(source, copy, task.MAX_SUBMISSION_BYTES)
                     return copy
                 except SubmitError as e:
                     results.append(tool_result(use.id, f"Not submitted: {e}.", is_error=True))
@@ -126,7 +125,7 @@ async def call_tool(name: str, tool_input, sandbox: Sandbox) -> tuple[str, bool]
         return result.output, result.is_error
     if name == "submit":
         return "submit needs an input {\"path\": \"<file in the working directory>\"}.", True
-    return f"Unknown tool {name!r}; the tools are: {', '.join(t['name'] for t in TOOLS)}.", True
+    return f"Unknown tool {name!r}; the tools are: {', '.join(t['name'] for t in task.TOOLS)}.", True
 
 
 async def run_one(run: Run, client, opts: argparse.Namespace, isolate: bool) -> Run:
@@ -135,7 +134,8 @@ async def run_one(run: Run, client, opts: argparse.Namespace, isolate: bool) -> 
     run_dir = opts.out / f"run-{run.run_id:03d}"
     sandbox = None
     try:
-        await asyncio.to_thread(lambda: write_workspace(run_dir / "workspace", make_instance(run.level, run.seed)))
+        instance = await asyncio.to_thread(task.make_instance, run.level, run.seed)
+        await asyncio.to_thread(task.write_workspace, run_dir / "workspace", instance)
         sandbox = Sandbox(run_dir / "workspace", isolate=isolate)
         submission = await run_agent(run, client, sandbox, opts)
         if submission is not None:
@@ -247,11 +247,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY,
                    help=f"runs at once (default {DEFAULT_CONCURRENCY})")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"default {DEFAULT_MODEL}")
-    p.add_argument("--level", type=int, default=DEFAULT_LEVEL, choices=sorted(LEVELS),
-                   help=f"difficulty, 1 (easiest) to 5 (default {DEFAULT_LEVEL})")
+    p.add_argument("--level", type=int, default=task.DEFAULT_LEVEL, choices=sorted(task.LEVELS),
+                   help=f"difficulty, 1 (easiest) to 5 (default {task.DEFAULT_LEVEL})")
     p.add_argument("--seed", type=int, default=0, help="base instance seed; run i uses seed + i (default 0)")
-    p.add_argument("--max-steps", type=int, default=DEFAULT_MAX_STEPS,
-                   help=f"model replies per run (default {DEFAULT_MAX_STEPS})")
+    p.add_argument("--max-steps", type=int, default=task.DEFAULT_MAX_STEPS,
+                   help=f"model replies per run (default {task.DEFAULT_MAX_STEPS})")
     p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
                    help=f"max_tokens per reply (default {DEFAULT_MAX_TOKENS})")
     p.add_argument("--out", type=Path, help="output directory (default runs/<timestamp>/)")

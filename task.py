@@ -18,6 +18,7 @@ TOLERANCE = 1e-4  # max |logit difference| that passes
 MAX_SUBMISSION_BYTES = 64 * 2**20  # archive size, and again its unpacked size
 SEQ_LEN = 32  # longest sequence the grader runs
 DEFAULT_LEVEL = 5
+DEFAULT_MAX_STEPS = 40  # model replies per run, stated in the prompt
 
 # Each level adds conventions to the last: (Megatron arguments, runtime config, source code shown).
 _L1 = ({"rotary_interleaved": False, "rotary_percent": 1.0, "qk_layernorm": False,
@@ -62,7 +63,7 @@ def make_instance(level: int, seed: int) -> Instance:
             "num_query_groups": groups, "kv_channels": d, "normalization": "RMSNorm",
             "norm_epsilon": 1e-5, "position_embedding_type": "rope", "rotary_base": 10000,
             **level_args, "add_bias_linear": False, "swiglu": True,
-            "untie_embeddings_and_output_weights": False, "tokenizer_type": "NullTokenizer",
+            "untie_embeddings_and_output_weights": False,
             "vocab_size": vocab, "make_vocab_size_divisible_by": 128,
             "padded_vocab_size": -(-vocab // multiple) * multiple, "seq_length": SEQ_LEN,
             "max_position_embeddings": SEQ_LEN, "bf16": True,
@@ -176,8 +177,8 @@ How the submission is graded:
   entry, is at most {TOLERANCE:g}.
 
 Tools: `python` runs code in a persistent Python process in your working directory (numpy
-available, no network, {CALL_TIMEOUT_S} s per call). `submit` grades a file: your first submit
-ends the task, there is no second attempt. You have at most {max_steps} replies.
+available, no network, {CALL_TIMEOUT_S} s per call). `submit` grades a file of your working directory: the first
+file submitted ends the task, there is no second attempt. You have at most {max_steps} replies.
 """
 
 
@@ -210,7 +211,7 @@ def main() -> None:
     parser.add_argument("--workspace", required=True, help="directory to write the instance into")
     parser.add_argument("--level", type=int, default=DEFAULT_LEVEL, choices=sorted(LEVELS))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-steps", type=int, default=40)
+    parser.add_argument("--max-steps", type=int, default=DEFAULT_MAX_STEPS)
     a = parser.parse_args()
     write_workspace(a.workspace, make_instance(a.level, a.seed))
     print(build_prompt(a.level, a.max_steps))

@@ -157,3 +157,16 @@ def test_no_key_exits_2_with_one_clear_line(tmp_path):
                        capture_output=True, text=True, check=False)
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.count("\n") == 1 and "ANTHROPIC_API_KEY" in r.stderr and "--offline" in r.stderr
+
+
+def test_isolation_is_required_only_when_asked(tmp_path):
+    """With no bwrap on PATH: --require-isolation refuses; without it the runs go on, with a warning."""
+    env = {"PATH": str(tmp_path / "empty")}
+    cmd = [sys.executable, "main.py", "--offline", "--level", "1", "--out", str(tmp_path / "out")]
+    refused = subprocess.run([*cmd, "--require-isolation"], cwd=ROOT, env=env, capture_output=True, text=True,
+                             check=False)
+    assert refused.returncode == 2 and "bubblewrap" in refused.stderr and "Traceback" not in refused.stderr
+    degraded = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+    assert degraded.returncode == 0 and degraded.stderr.count("WARNING: not isolated") == 1
+    assert "offline check OK" in degraded.stdout
+    assert "not isolated" in json.loads((tmp_path / "out" / "summary.json").read_text())["isolation"]
