@@ -85,36 +85,42 @@ async def run_agent(run: Run, client, sandbox: Sandbox, opts: argparse.Namespace
                              "api_seconds": round(time.monotonic() - started, 3)})
         run.messages.append({"role": "assistant", "content": [as_param(b) for b in response.content]})
         uses = [b for b in response.content if b.type == "tool_use"]
-        if response.stop_reason not in ("tool_use", "max_tokens"):
+        cut_off = response.stop_reason == "max_tokens"
+        if not (cut_off or response.stop_reason == "tool_use" and uses):
             run.label = "no_submission" if response.stop_reason in ("end_turn", "stop_sequence") \
                 else f"stop_{response.stop_reason}"
             return None
+        started = time.monotonic()
         results = []
-        for i, use in enumerate(uses):
-            if response.stop_reason == "max_tokens" and i == len(uses) - 1:
+        for use in uses:
+            if cut_off and use is uses[-1]:
                 results.append(tool_result(use.id, "This tool call was cut off by the max_tokens limit and was "
                                                    "not run.", is_error=True))
-                continue
-            if use.name == "submit" and isinstance(use.input, dict):
+            elif use.name == "submit" and isinstance(use.input, dict):
                 try:
-                    resolve_submission(sandbox.workspace, use.input.get("path"))
-                    await sandbox.close()  # nothing may change the path while it is resolved and copied
-                    source = resolve_submission(sandbox.workspace, use.input.get("path"))
-                    copy = sandbox.workspace.parent / "submission.npz"
-                    copy_submission(source, copy, task.MAX_SUBMISSION_BYTES)
-                    return copy
+                    return await take_submission(sandbox, use.input.get("path"))
                 except SubmitError as e:
                     results.append(tool_result(use.id, f"Not submitted: {e}.", is_error=True))
-                    continue
-            results.append(tool_result(use.id, *await call_tool(use.name, use.input, sandbox)))
+            else:
+                results.append(tool_result(use.id, *await call_tool(use.name, use.input, sandbox)))
             if opts.verbose:
                 print(f"  run {run.run_id:03d} step {step} {use.name}: {results[-1]['content'][:200]!r}")
-        if response.stop_reason == "max_tokens":
+        run.step_log[-1]["tool_seconds"] = round(time.monotonic() - started, 3)
+        if cut_off:
             results.append({"type": "text", "text": f"Your reply was cut off at the max_tokens limit "
                                                     f"({opts.max_tokens}). Continue, in shorter pieces."})
         run.messages.append({"role": "user", "content": results})
     run.label = "max_steps"
     return None
+
+
+async def take_submission(sandbox: Sandbox, path) -> Path:
+    """Stop the worker, then copy the submitted file out of the workspace for grading."""
+    resolve_submission(sandbox.workspace, path)  # refuse before the worker, and its variables, are lost
+    await sandbox.close()  # nothing may change the path while it is resolved and copied
+    copy = sandbox.workspace.parent / "submission.npz"
+    copy_submission(resolve_submission(sandbox.workspace, path), copy, task.MAX_SUBMISSION_BYTES)
+    return copy
 
 
 async def call_tool(name: str, tool_input, sandbox: Sandbox) -> tuple[str, bool]:
@@ -144,6 +150,11 @@ async def run_one(run: Run, client, opts: argparse.Namespace, isolate: bool) -> 
                 ("pass" if g.passed else "fail"), g.label, g.detail, g.max_error
         else:
             run.outcome = "fail"
+    except anthropic.BadRequestError as e:
+        # A conversation grown past the context window is the model's doing; any other 400 is ours.
+        too_long = "prompt is too long" in str(e)
+        run.outcome, run.label = ("fail", "context_overflow") if too_long else ("error", "api_error")
+        run.detail = f"{type(e).__name__}: {e}"
     except anthropic.APIError as e:
         run.outcome, run.label, run.detail = "error", "api_error", f"{type(e).__name__}: {e}"
     except Exception as e:  # noqa: BLE001 -- a harness bug must not take the other runs down

@@ -36,7 +36,9 @@ def tool_use(name: str, tool_input: dict) -> dict:
 def api_error(status: int = 529, message: str = "Overloaded") -> anthropic.APIStatusError:
     """The exception the SDK raises once its retries are spent."""
     response = httpx.Response(status, request=_REQUEST, json={"type": "error", "error": {"message": message}})
-    return anthropic.APIStatusError(message, response=response, body=None)
+    cls = {400: anthropic.BadRequestError, 429: anthropic.RateLimitError}.get(
+        status, anthropic.InternalServerError if status >= 500 else anthropic.APIStatusError)
+    return cls(message, response=response, body=None)
 
 
 def check_request(request: dict) -> None:

@@ -102,6 +102,12 @@ def test_api_error_after_retries_is_an_error_not_a_failure(tmp_path):
     assert summary["graded"] == 0 and summary["errors"] == {"api_error": 1} and summary["pass_rate"] is None
 
 
+def test_context_overflow_is_the_models_failure(tmp_path):
+    too_long = api_error(400, "prompt is too long: 210000 tokens > 200000 maximum")
+    run, _ = run_script(tmp_path, [reply(tool_use("python", {"code": "1"})), too_long])
+    assert (run.outcome, run.label) == ("fail", "context_overflow")
+
+
 def test_a_harness_crash_is_recorded_and_other_runs_finish(tmp_path):
     opts = main.parse_args(["--level", "1", "--out", str(tmp_path)])
     clients = [ScriptedClient([RuntimeError("boom")]), ScriptedClient(conversion_script(None))]
