@@ -101,8 +101,7 @@ def grade(submission: str | Path, level: int, seed: int) -> Grade:
     except Invalid as e:
         label, detail = e.args
         return Grade(False, label, None, detail)
-    original = source_model.Checkpoint(
-        inst.args, [{k: source_model.bf16_to_float(v) for k, v in r.items()} for r in inst.ranks])
+    original = inst.original()
     runtime = target_model.Model(inst.config, weights)
     with np.errstate(all="ignore"):
         errors = [np.max(np.abs(target_model.forward(runtime, tokens) - source_model.forward(original, tokens)))

@@ -8,9 +8,11 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
+from data.source_model import Checkpoint, bf16_to_float, forward
 from tools import CALL_TIMEOUT_S, OUTPUT_LIMIT
 
 DATA = Path(__file__).parent / "data"
@@ -20,7 +22,15 @@ SEQ_LEN = 32  # longest sequence the grader runs
 DEFAULT_LEVEL = 5
 DEFAULT_MAX_STEPS = 40  # model replies per run, stated in the prompt
 
-# Each level adds conventions to the last: (Megatron arguments, runtime config, source code shown).
+
+
+class Level(NamedTuple):
+    args: dict  # Megatron arguments that differ between levels
+    config: dict  # runtime config entries that differ between levels
+    source_shown: bool  # whether source_model.py is in the workspace
+
+
+# Each level adds conventions to the last.
 _L1 = ({"rotary_interleaved": False, "rotary_percent": 1.0, "qk_layernorm": False,
         "add_qkv_bias": False, "tensor_model_parallel_size": 1},
        {"kv_head_sharing": "repeat", "norm_weight_offset": False, "scale_embeddings": False})
@@ -28,7 +38,8 @@ _L2 = ({**_L1[0], "rotary_interleaved": True}, {**_L1[1], "kv_head_sharing": "ti
 _L3 = ({**_L2[0], "rotary_percent": 0.5, "qk_layernorm": True, "add_qkv_bias": True},
        {**_L2[1], "norm_weight_offset": True, "scale_embeddings": True})
 _L4 = ({**_L3[0], "tensor_model_parallel_size": 2}, _L3[1])
-LEVELS = {1: (*_L1, True), 2: (*_L2, True), 3: (*_L3, True), 4: (*_L4, True), 5: (*_L4, False)}
+LEVELS = {1: Level(*_L1, True), 2: Level(*_L2, True), 3: Level(*_L3, True), 4: Level(*_L4, True),
+          5: Level(*_L4, False)}
 
 HEAD_LAYOUTS = [(6, 2), (8, 2), (8, 4), (12, 4)]  # (heads, kv groups); never heads == groups**2
 
@@ -40,6 +51,10 @@ class Instance:
     args: dict  # megatron_args.json
     config: dict  # the runtime's config.json
     ranks: list[dict[str, np.ndarray]]  # per TP rank, bfloat16 bit patterns (uint16)
+
+    def original(self) -> Checkpoint:
+        """The original model, for data/source_model.forward."""
+        return Checkpoint(self.args, [{k: bf16_to_float(v) for k, v in r.items()} for r in self.ranks])
 
 
 def float_to_bf16(x: np.ndarray) -> np.ndarray:
@@ -131,22 +146,21 @@ def write_workspace(workspace: str | Path, inst: Instance) -> None:
     (ws / "megatron_args.json").write_text(json.dumps(inst.args, indent=2) + "\n")
     (ws / "config.json").write_text(json.dumps(inst.config, indent=2) + "\n")
     shutil.copy(DATA / "target_model.py", ws / "target_model.py")
-    if LEVELS[inst.level][2]:
+    if LEVELS[inst.level].source_shown:
         shutil.copy(DATA / "source_model.py", ws / "source_model.py")
     else:
-        from data.source_model import Checkpoint, bf16_to_float, forward
-        ckpt = Checkpoint(inst.args, [{k: bf16_to_float(v) for k, v in r.items()} for r in inst.ranks])
         rng = np.random.default_rng([inst.level, inst.seed, 1])
         vocab = inst.args["vocab_size"]
         fill = -vocab % SEQ_LEN
         tokens = np.concatenate([rng.permutation(vocab), rng.integers(vocab, size=fill)]).reshape(-1, SEQ_LEN)
-        np.savez(ws / "reference.npz", tokens=tokens, logits=np.stack([forward(ckpt, t) for t in tokens]))
+        original = inst.original()
+        np.savez(ws / "reference.npz", tokens=tokens, logits=np.stack([forward(original, t) for t in tokens]))
 
 
 def build_prompt(level: int, max_steps: int) -> str:
     source = (
         "- source_model.py: the original model in numpy (load_checkpoint, forward).\n"
-        if LEVELS[level][2] else
+        if LEVELS[level].source_shown else
         "- reference.npz: `tokens` (N, 32) int64 and `logits` (N, 32, vocab_size) float64, the\n"
         "  original model's logits on those sequences; together they contain every token id.\n")
     return f"""\

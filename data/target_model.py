@@ -14,30 +14,19 @@ class Model:
 
 def expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     """Every tensor the runtime reads for this config, with its shape."""
-    H, d = config["hidden_size"], config["head_dim"]
-    nq, nkv = config["num_attention_heads"], config["num_key_value_heads"]
-    inter, V = config["intermediate_size"], config["vocab_size"]
-    shapes = {"model.embed_tokens.weight": (V, H), "model.norm.weight": (H,),
-              "lm_head.weight": (V, H)}
+    H, d, inter, V = config["hidden_size"], config["head_dim"], config["intermediate_size"], config["vocab_size"]
+    q, kv = config["num_attention_heads"] * d, config["num_key_value_heads"] * d
+    layer = {"input_layernorm.weight": (H,), "post_attention_layernorm.weight": (H,),
+             "self_attn.q_proj.weight": (q, H), "self_attn.k_proj.weight": (kv, H),
+             "self_attn.v_proj.weight": (kv, H), "self_attn.o_proj.weight": (H, q),
+             "mlp.gate_proj.weight": (inter, H), "mlp.up_proj.weight": (inter, H), "mlp.down_proj.weight": (H, inter)}
+    if config["qkv_bias"]:
+        layer |= {"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)}
+    if config["qk_norm"]:
+        layer |= {"self_attn.q_norm.weight": (d,), "self_attn.k_norm.weight": (d,)}
+    shapes = {"model.embed_tokens.weight": (V, H), "model.norm.weight": (H,), "lm_head.weight": (V, H)}
     for i in range(config["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        shapes |= {
-            p + "input_layernorm.weight": (H,),
-            p + "self_attn.q_proj.weight": (nq * d, H),
-            p + "self_attn.k_proj.weight": (nkv * d, H),
-            p + "self_attn.v_proj.weight": (nkv * d, H),
-            p + "self_attn.o_proj.weight": (H, nq * d),
-            p + "post_attention_layernorm.weight": (H,),
-            p + "mlp.gate_proj.weight": (inter, H),
-            p + "mlp.up_proj.weight": (inter, H),
-            p + "mlp.down_proj.weight": (H, inter),
-        }
-        if config["qkv_bias"]:
-            shapes |= {p + "self_attn.q_proj.bias": (nq * d,),
-                       p + "self_attn.k_proj.bias": (nkv * d,),
-                       p + "self_attn.v_proj.bias": (nkv * d,)}
-        if config["qk_norm"]:
-            shapes |= {p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,)}
+        shapes |= {f"model.layers.{i}.{name}": shape for name, shape in layer.items()}
     return shapes
 
 
@@ -47,7 +36,8 @@ def load_checkpoint(path: str | Path, config_path: str | Path = "config.json") -
     with np.load(path, allow_pickle=False) as f:
         for name, shape in expected_shapes(config).items():
             weights[name] = f[name].astype(np.float64)
-            assert weights[name].shape == shape, f"{name}: {weights[name].shape} != {shape}"
+            if weights[name].shape != shape:
+                raise ValueError(f"{name} has shape {weights[name].shape}, expected {shape}")
     return Model(config, weights)
 
 
