@@ -2,6 +2,7 @@
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -176,3 +177,17 @@ def test_isolation_is_required_only_when_asked(tmp_path):
     assert degraded.returncode == 0 and degraded.stderr.count("WARNING: not isolated") == 1
     assert "offline check OK" in degraded.stdout
     assert "not isolated" in json.loads((tmp_path / "out" / "summary.json").read_text())["isolation"]
+
+
+def test_ctrl_c_cancels_the_rest_and_reports_what_finished(tmp_path):
+    cmd = [sys.executable, "-u", "main.py", "--offline", "--level", "5", "--concurrency", "1", "--out", str(tmp_path)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("run 000"):
+            proc.send_signal(signal.SIGINT)
+            break
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert 1 <= summary["runs_finished"] < summary["runs_planned"] == 13
+    assert f"interrupted: {summary['runs_finished']} of 13 runs finished" in out
