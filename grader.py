@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from data import source_model, target_model
-from task import MAX_SUBMISSION_BYTES, TOLERANCE, make_instance, token_sequences
+from task import LEVELS, MAX_SUBMISSION_BYTES, TOLERANCE, make_instance, token_sequences
 
 
 @dataclass
@@ -119,10 +119,9 @@ def main() -> None:
     parser.add_argument("--level", type=int, required=True)
     parser.add_argument("--seed", type=int, required=True)
     a = parser.parse_args()
-    try:
-        g = grade(a.submission, a.level, a.seed)
-    except ValueError as e:  # a level that does not exist
-        parser.error(str(e))
+    if a.level not in LEVELS:
+        parser.error(f"--level must be one of {sorted(LEVELS)}")
+    g = grade(a.submission, a.level, a.seed)
     print(f"{'PASS' if g.passed else 'FAIL'} {g.label}: {g.detail}")
     sys.exit(0 if g.passed else 1)
 

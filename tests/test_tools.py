@@ -108,11 +108,22 @@ def test_isolation(tmp_path):
 @needs_bwrap
 def test_fork_bomb_is_contained_and_cleaned_up(tmp_path):
     (tmp_path / "ws").mkdir()
+    (tmp_path / "neighbour").mkdir()
     sb = Sandbox(tmp_path / "ws", isolate=True, timeout=5)
+    neighbour = Sandbox(tmp_path / "neighbour", isolate=True, timeout=20)
     bomb = "import os\nwhile True:\n    os.fork()"
-    r1, r2 = run(sb, bomb, "print('alive')")
+    count = "import time\ntotal = 0\nfor i in range(20):\n    time.sleep(0.1)\n    total += i\nprint(total)"
+
+    async def side_by_side():
+        try:
+            return await asyncio.gather(asyncio.to_thread(run, sb, bomb, "print('alive')"), neighbour.run(count))
+        finally:
+            await neighbour.close()
+
+    (r1, r2), other = asyncio.run(side_by_side())
     assert r1.is_error and ("BlockingIOError" in r1.output or "Timed out" in r1.output)
     assert r2.output == "alive\n"
+    assert (other.output, other.is_error) == ("190\n", False)  # the other run was unharmed
     if sb.uid >= 0:  # every process of the worker's uid is gone once the sandbox is closed
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline and any(
