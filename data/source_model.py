@@ -1,8 +1,7 @@
 """The original model: a Megatron-Core GPT (Transformer Engine layer names) in numpy.
 
-Each rank's .npz holds that rank's share of the tensor-parallel model; forward computes
-as the ranks do together: column-parallel layers produce a slice of the outputs,
-row-parallel layers produce partial sums, the embedding is split by vocabulary rows.
+Each rank's .npz holds that rank's share of the tensor-parallel model, and forward
+computes with the shares as the ranks do together.
 """
 import json
 from dataclasses import dataclass
@@ -60,7 +59,7 @@ def apply_rotary(x: np.ndarray, args: dict) -> np.ndarray:
 
 
 def attention(h: np.ndarray, w: dict, p: str, args: dict) -> np.ndarray:
-    """One rank's partial output of self-attention: (T, hidden), to be summed over ranks."""
+    """One rank's share of self-attention: (T, hidden)."""
     T = h.shape[0]
     tp = args["tensor_model_parallel_size"]
     groups = args["num_query_groups"] // tp
@@ -86,7 +85,7 @@ def attention(h: np.ndarray, w: dict, p: str, args: dict) -> np.ndarray:
 
 
 def mlp(h: np.ndarray, w: dict, p: str) -> np.ndarray:
-    """One rank's partial output of the SwiGLU MLP."""
+    """One rank's share of the SwiGLU MLP: (T, hidden)."""
     x = h @ w[p + "linear_fc1.weight"].T
     gate, up = np.split(x, 2, axis=-1)
     return (gate / (1 + np.exp(-gate)) * up) @ w[p + "linear_fc2.weight"].T

@@ -1,3 +1,4 @@
+import json
 import os
 import pickle
 import subprocess
@@ -191,3 +192,12 @@ def test_grader_cli_exit_codes(save):
     bad = subprocess.run([sys.executable, "grader.py", str(path), "--level", "1", "--seed", "1"],
                          cwd=ROOT, capture_output=True, text=True, check=False)
     assert bad.returncode == 1 and bad.stdout.startswith("FAIL") and "Traceback" not in bad.stderr
+
+
+def test_task_cli_writes_an_instance_and_prints_its_prompt(tmp_path):
+    r = subprocess.run([sys.executable, "task.py", "--workspace", str(tmp_path), "--level", "3", "--seed", "4"],
+                       cwd=ROOT, capture_output=True, text=True, check=True)
+    assert "at most 0.0001" in r.stdout and "source_model.py" in r.stdout and "at most 40 replies" in r.stdout
+    assert {p.name for p in tmp_path.iterdir()} == {"checkpoint", "megatron_args.json", "config.json",
+                                                    "source_model.py", "target_model.py"}
+    assert json.loads((tmp_path / "megatron_args.json").read_text()) == make_instance(3, 4).args
