@@ -28,8 +28,8 @@ DEFAULT_CONCURRENCY = 10
 DEFAULT_MAX_TOKENS = 16_000  # per reply: room for a long script plus its explanation
 API_RETRIES = 8  # the SDK retries 429, 5xx, overloaded and timeouts with backoff
 TARGET_BAND = (0.10, 0.40)
-# USD per million tokens (input, output); cache writes cost 1.25x input, cache reads 0.1x.
 USAGE_KEYS = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+# USD per million tokens (input, output); cache writes cost 1.25x input, cache reads 0.1x.
 PRICES = {"claude-haiku-4-5": (1.0, 5.0), "claude-sonnet-4-5": (3.0, 15.0), "claude-opus-4-5": (5.0, 25.0)}
 
 
