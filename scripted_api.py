@@ -6,7 +6,6 @@ replays a fixed list of replies. `main.py --offline` and the tests drive the rea
 loop, sandbox and grader with it.
 """
 import asyncio
-import copy
 import itertools
 import json
 from pathlib import Path
@@ -79,7 +78,7 @@ class ScriptedClient:
 
     async def create(self, **request) -> Message:
         check_request(request)
-        self.requests.append(copy.deepcopy(request))
+        self.requests.append(request)  # main.py builds each request anew and never mutates a sent message
         if self.latency:
             await asyncio.sleep(self.latency)
         scripted = next(self.replies, reply(text("(the script has ended)"), stop_reason="end_turn"))
