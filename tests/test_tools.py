@@ -36,6 +36,12 @@ def test_state_persists_and_output_is_captured_in_order(sandbox):
     assert (sandbox.workspace / "f.txt").read_text() == "kept"
 
 
+def test_workspace_modules_and_numpy_import(sandbox):
+    (sandbox.workspace / "helper.py").write_text("VALUE = 7\n")
+    (r,) = run(sandbox, "import helper, numpy\nprint(helper.VALUE * numpy.ones(2).sum())")
+    assert (r.output, r.is_error) == ("14.0\n", False)
+
+
 def test_exception_returns_traceback(sandbox):
     (r,) = run(sandbox, "def f():\n    return 1 / 0\nprint('before')\nf()")
     assert r.is_error and r.output.startswith("before\nTraceback") and "ZeroDivisionError" in r.output
