@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from conversions import MISTAKES, convert
 from data import source_model, target_model
 from task import LEVELS, MAX_SUBMISSION_BYTES, TOLERANCE, make_instance, token_sequences
 
@@ -71,8 +72,6 @@ def read_member(zf: zipfile.ZipFile, members: dict, name: str, shape: tuple[int,
 
 def diagnose(weights: dict[str, np.ndarray], inst) -> tuple[str, str]:
     """Name the known wrong conversion that best explains the tensors that differ."""
-    from conversions import MISTAKES, convert
-
     def same(a: np.ndarray, b: np.ndarray) -> bool:
         return a.shape == b.shape and np.allclose(a, b, rtol=1e-3, atol=1e-6)
 
@@ -116,11 +115,9 @@ def grade(submission: str | Path, level: int, seed: int) -> Grade:
 def main() -> None:
     parser = argparse.ArgumentParser(description="Grade a converted checkpoint; exit 0 on pass, 1 on fail.")
     parser.add_argument("submission")
-    parser.add_argument("--level", type=int, required=True)
+    parser.add_argument("--level", type=int, required=True, choices=sorted(LEVELS))
     parser.add_argument("--seed", type=int, required=True)
     a = parser.parse_args()
-    if a.level not in LEVELS:
-        parser.error(f"--level must be one of {sorted(LEVELS)}")
     g = grade(a.submission, a.level, a.seed)
     print(f"{'PASS' if g.passed else 'FAIL'} {g.label}: {g.detail}")
     sys.exit(0 if g.passed else 1)
