@@ -166,9 +166,28 @@ async def run_one(run: Run, client, opts: argparse.Namespace, isolate: bool) -> 
         run.seconds = time.monotonic() - started
         try:
             (run_dir / "transcript.json").write_text(json.dumps(asdict(run), indent=1, default=str))
+            (run_dir / "transcript.md").write_text(render_transcript(run))
         except (OSError, TypeError, ValueError) as e:
             print(f"run {run.run_id:03d}: could not write its transcript: {e}", file=sys.stderr)
     return run
+
+
+def render_transcript(run: Run) -> str:
+    """The conversation as Markdown, for reading: text as is, tool calls and results as code blocks."""
+    out = [f"# run {run.run_id:03d}: {run.outcome.upper()} {run.label}", "", run.detail, ""]
+    for message in run.messages:
+        content = message["content"]
+        out.append(f"## {message['role']}\n")
+        for block in [{"type": "text", "text": content}] if isinstance(content, str) else content:
+            if block["type"] == "text":
+                out.append(block["text"] + "\n")
+            elif block["type"] == "tool_use":
+                body = block["input"].get("code") if isinstance(block["input"], dict) else None
+                body = body if isinstance(body, str) else json.dumps(block["input"])
+                out.append(f"**{block['name']}**\n```\n{body}\n```\n")
+            elif block["type"] == "tool_result":
+                out.append(f"**result{' (error)' if block['is_error'] else ''}**\n```\n{block['content']}\n```\n")
+    return "\n".join(out)
 
 
 def wilson_interval(passes: int, n: int, z: float = 1.96) -> tuple[float, float]:

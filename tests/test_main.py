@@ -36,6 +36,9 @@ def test_reference_conversion_passes_and_transcript_is_written(tmp_path):
     assert transcript["outcome"] == "pass" and len(transcript["messages"]) == 4
     assert transcript["messages"][2]["content"][0]["content"] == "wrote converted.npz\n"
     assert transcript["usage"]["input_tokens"] > 0 and len(transcript["step_log"]) == 2
+    readable = (tmp_path / "run-000" / "transcript.md").read_text()
+    assert readable.startswith("# run 000: PASS pass") and "def convert(" in readable
+    assert "**result**\n```\nwrote converted.npz\n" in readable and "**submit**" in readable
 
 
 def test_wrong_conversion_fails_with_its_label(tmp_path):
