@@ -165,6 +165,7 @@ async def run_one(run: Run, client, opts: argparse.Namespace, isolate: bool) -> 
             await sandbox.close()
         run.seconds = time.monotonic() - started
         try:
+            run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "transcript.json").write_text(json.dumps(asdict(run), indent=1, default=str))
             (run_dir / "transcript.md").write_text(render_transcript(run))
         except (OSError, TypeError, ValueError) as e:
@@ -186,7 +187,7 @@ def render_transcript(run: Run) -> str:
                 body = body if isinstance(body, str) else json.dumps(block["input"])
                 out.append(f"**{block['name']}**\n```\n{body}\n```\n")
             elif block["type"] == "tool_result":
-                out.append(f"**result{' (error)' if block['is_error'] else ''}**\n```\n{block['content']}\n```\n")
+                out.append(f"**result{' (error)' if block.get('is_error') else ''}**\n```\n{block['content']}\n```\n")
     return "\n".join(out)
 
 
