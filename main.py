@@ -96,9 +96,9 @@ async def run_agent(run: Run, client, sandbox: Sandbox, opts: argparse.Namespace
             if cut_off and use is uses[-1]:
                 results.append(tool_result(use.id, "This tool call was cut off by the max_tokens limit and was "
                                                    "not run.", is_error=True))
-            elif use.name == "submit" and isinstance(use.input, dict):
+            elif use.name == "submit":
                 try:
-                    return await take_submission(sandbox, use.input.get("path"))
+                    return await take_submission(sandbox, use.input.get("path") if isinstance(use.input, dict) else None)
                 except SubmitError as e:
                     results.append(tool_result(use.id, f"Not submitted: {e}.", is_error=True))
             else:
@@ -129,8 +129,6 @@ async def call_tool(name: str, tool_input, sandbox: Sandbox) -> tuple[str, bool]
             return "python needs an input {\"code\": \"<python source>\"}.", True
         result = await sandbox.run(tool_input["code"])
         return result.output, result.is_error
-    if name == "submit":
-        return "submit needs an input {\"path\": \"<file in the working directory>\"}.", True
     return f"Unknown tool {name!r}; the tools are: {', '.join(t['name'] for t in task.TOOLS)}.", True
 
 

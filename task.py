@@ -161,7 +161,7 @@ def build_prompt(level: int, max_steps: int) -> str:
     source = (
         "- source_model.py: the original model in numpy (load_checkpoint, forward).\n"
         if LEVELS[level].source_shown else
-        "- reference.npz: `tokens` (N, 32) int64 and `logits` (N, 32, vocab_size) float64, the\n"
+        f"- reference.npz: `tokens` (N, {SEQ_LEN}) int64 and `logits` (N, {SEQ_LEN}, vocab_size) float64, the\n"
         "  original model's logits on those sequences; together they contain every token id.\n")
     return f"""\
 Port a trained language model from its training code to a serving runtime.

@@ -100,8 +100,8 @@ def bwrap_prefix(workspace: Path) -> list[str]:
     args = ["bwrap", "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
             "--unshare-cgroup-try", "--die-with-parent", "--new-session",
             "--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--size", str(MAX_FILE_BYTES), "--tmpfs", "/tmp"]
-    for path in ("/usr", "/bin", "/lib", "/lib64", "/lib32", "/sbin", "/etc/ld.so.cache",
-                 "/etc/localtime", sys.base_prefix, sys.prefix):
+    for path in dict.fromkeys(("/usr", "/bin", "/lib", "/lib64", "/lib32", "/sbin", "/etc/ld.so.cache",
+                               "/etc/localtime", sys.base_prefix, sys.prefix)):  # a venv has two prefixes
         for parent in reversed(Path(path).parents[:-1]):  # traversable by the worker's uid
             args += ["--perms", "0755", "--dir", str(parent)]
         args += ["--ro-bind-try", path, path]
