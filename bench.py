@@ -95,11 +95,11 @@ def bench_harness(tmp: Path, isolated: bool) -> None:
 
 def bench_grading(tmp: Path) -> None:
     print("== grading ==")
-    for level in (1, 5):
+    for level in (1, 5, 6):
         inst = make_instance(level, 0)
         for mistake in (None, "rope_permutation" if level > 1 else "qkv_split"):
             path = tmp / f"sub-{level}-{mistake}.npz"
-            np.savez(path, **convert(inst.ranks, inst.args, inst.config, mistake))
+            np.savez(path, **convert(inst.files, inst.args, inst.config, mistake))
             seconds = median_seconds(lambda p=path, lv=level: grade(p, lv, 0), 5)
             print(f"level {level}, {mistake or 'reference'} submission: {seconds * 1e3:8.1f} ms")
 

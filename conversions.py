@@ -11,28 +11,50 @@ import numpy as np
 # Each wrong conversion, by grader label, and the first level whose conventions it misses.
 MISTAKES = {"bf16_decode": 1, "qkv_split": 1, "gate_up_order": 1, "rope_permutation": 2,
             "kv_sharing": 2, "partial_rotary": 3, "qk_norm": 3, "qkv_bias": 3,
-            "norm_offset": 3, "embed_scale": 3, "tp_fc1_merge": 4, "vocab_padding": 4}
+            "norm_offset": 3, "embed_scale": 3, "tp_fc1_merge": 4, "vocab_padding": 4,
+            "vpp_layer_order": 6, "expert_id": 6, "grouped_gemm_layout": 6, "expert_tp_merge": 6,
+            "router_scaling": 6, "shared_expert_scaling": 6, "zero_centered_norm": 6, "untied_output": 6}
+
+Files = dict[tuple[int, int, int], dict[str, np.ndarray]]  # (tensor, pipeline, expert) rank -> tensors
 
 
-def convert(ranks: list[dict[str, np.ndarray]], args: dict, config: dict,
-            mistake: str | None = None) -> dict[str, np.ndarray]:
-    """Megatron TP ranks (uint16 bf16 bits) -> runtime weights (float64)."""
+def layer_files(files: Files, args: dict, mistake: str | None) -> tuple[list[list[list[dict]]], str, str]:
+    """Per global layer, [expert rank][tensor rank] -> that layer's tensors with the layer prefix
+    removed; and the prefixes of the first and the last model chunk."""
+    tp, pp, ep = (args[k] for k in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
+                                    "expert_model_parallel_size"))
+    vpp = args["virtual_pipeline_model_parallel_size"] or 1
+    # Chunk c of pipeline rank p holds the layers from c * layers / vpp + p * layers / (pp * vpp)
+    # (get_transformer_layer_offset): chunks run c-major, not rank-major.
+    order = [(p, c) for p in range(pp) for c in range(vpp)] if mistake == "vpp_layer_order" else \
+        [(p, c) for c in range(vpp) for p in range(pp)]
+    prefix = (lambda c: f"model{c}.") if args["virtual_pipeline_model_parallel_size"] else (lambda c: "")
+    layers = []
+    for p, c in order:
+        for i in range(args["num_layers"] // len(order)):
+            key = f"{prefix(c)}decoder.layers.{i}."
+            layers.append([[{k[len(key):]: v for k, v in files[t, p, e].items() if k.startswith(key)}
+                            for t in range(tp)] for e in range(ep)])
+    return layers, prefix(0), prefix(vpp - 1)
+
+
+def convert(files: Files, args: dict, config: dict, mistake: str | None = None) -> dict[str, np.ndarray]:
+    """Megatron rank files (uint16 bf16 bits) -> runtime weights (float64)."""
     if mistake is not None and mistake not in MISTAKES:
         raise ValueError(f"unknown mistake {mistake!r}")
     if mistake == "bf16_decode":
-        ranks = [{k: v.astype(np.float64) for k, v in r.items()} for r in ranks]
+        files = {r: {k: v.astype(np.float64) for k, v in f.items()} for r, f in files.items()}
     else:
-        ranks = [{k: (v.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
-                  for k, v in r.items()} for r in ranks]
+        files = {r: {k: (v.astype(np.uint32) << 16).view(np.float32).astype(np.float64) for k, v in f.items()}
+                 for r, f in files.items()}
     H, d, V = args["hidden_size"], args["kv_channels"], args["vocab_size"]
     heads, groups = args["num_attention_heads"], args["num_query_groups"]
-    per_group, tp = heads // groups, len(ranks)
-
-    def cat(key: str, axis: int = 0) -> np.ndarray:
-        return np.concatenate([r[key] for r in ranks], axis=axis)
+    tp, pp, per_group = args["tensor_model_parallel_size"], args["pipeline_model_parallel_size"], heads // groups
 
     def norm(w: np.ndarray) -> np.ndarray:
-        return w - 1.0 if config["norm_weight_offset"] and mistake != "norm_offset" else w
+        """Megatron's norm weight -> the runtime's: the multiplier, or its offset from 1."""
+        scale = 1.0 + w if args["apply_layernorm_1p"] and mistake != "zero_centered_norm" else w
+        return scale - 1.0 if config["norm_weight_offset"] and mistake != "norm_offset" else scale
 
     # Interleaved rotary pairs (2i, 2i+1) -> half-split pairs (i, i + rot/2), rotated dims only.
     rot = d if mistake == "partial_rotary" else int(d * args["rotary_percent"])
@@ -57,43 +79,100 @@ def convert(ranks: list[dict[str, np.ndarray]], args: dict, config: dict,
         perm = rope if permute else np.arange(d)
         return q[order][:, perm].reshape(-1, *q.shape[2:]), k[:, perm].reshape(-1, *k.shape[2:])
 
+    def gate_up(fc1: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Each tensor rank's fc1 rows [gate; up] -> the full gate and up projections."""
+        if mistake == "tp_fc1_merge":
+            gate, up = np.split(np.concatenate(fc1), 2)
+        else:
+            halves = [np.split(w, 2) for w in fc1]
+            gate, up = (np.concatenate([h[j] for h in halves]) for j in (0, 1))
+        return (up, gate) if mistake == "gate_up_order" else (gate, up)
+
+    def swiglu(t: str, ranks: list[dict], p: str, scale: float = 1.0) -> dict[str, np.ndarray]:
+        gate, up = gate_up([r[p + "linear_fc1.weight"] for r in ranks])
+        down = np.concatenate([r[p + "linear_fc2.weight"] for r in ranks], axis=1)
+        return {t + "gate_proj.weight": gate, t + "up_proj.weight": up, t + "down_proj.weight": down * scale}
+
+    layers, first, last = layer_files(files, args, mistake)
     out = {}
-    for i in range(args["num_layers"]):
-        p, t = f"decoder.layers.{i}.", f"model.layers.{i}."
-        q, k, v = split_qkv(cat(p + "self_attention.linear_qkv.weight"))
+    for i, shards in enumerate(layers):
+        ranks, t = shards[0], f"model.layers.{i}."
+        q, k, v = split_qkv(np.concatenate([r["self_attention.linear_qkv.weight"] for r in ranks]))
         out[t + "self_attn.q_proj.weight"], out[t + "self_attn.k_proj.weight"] = q_k(q, k)
         out[t + "self_attn.v_proj.weight"] = v.reshape(-1, H)
         if args["add_qkv_bias"]:
-            q, k, v = split_qkv(cat(p + "self_attention.linear_qkv.bias"))
+            q, k, v = split_qkv(np.concatenate([r["self_attention.linear_qkv.bias"] for r in ranks]))
             out[t + "self_attn.q_proj.bias"], out[t + "self_attn.k_proj.bias"] = q_k(q, k, mistake != "qkv_bias")
             out[t + "self_attn.v_proj.bias"] = v.reshape(-1)
         if args["qk_layernorm"]:
-            q = np.tile(ranks[0][p + "self_attention.q_layernorm.weight"], (heads, 1))
-            k = ranks[0][p + "self_attention.k_layernorm.weight"][None]
+            q = np.tile(ranks[0]["self_attention.q_layernorm.weight"], (heads, 1))
+            k = ranks[0]["self_attention.k_layernorm.weight"][None]
             q, k = q_k(q, k, mistake != "qk_norm")
             out[t + "self_attn.q_norm.weight"], out[t + "self_attn.k_norm.weight"] = norm(q[:d]), norm(k)
-        proj = cat(p + "self_attention.linear_proj.weight", axis=1).reshape(H, heads, d)
+        proj = np.concatenate([r["self_attention.linear_proj.weight"] for r in ranks], axis=1).reshape(H, heads, d)
         out[t + "self_attn.o_proj.weight"] = proj[:, order].reshape(H, heads * d)
-        if mistake == "tp_fc1_merge":
-            gate, up = np.split(cat(p + "mlp.linear_fc1.weight"), 2)
+        out[t + "input_layernorm.weight"] = norm(ranks[0]["self_attention.linear_qkv.layer_norm_weight"])
+        if "mlp.router.weight" in ranks[0]:
+            out |= moe(shards, args, t + "mlp.", mistake)
+            factor = args["moe_router_topk_scaling_factor"] if mistake == "shared_expert_scaling" else 1.0
+            out |= swiglu(t + "mlp.shared_expert.", ranks, "mlp.shared_experts.", factor)
+            out[t + "mlp.shared_expert_gate.weight"] = ranks[0]["mlp.shared_experts.gate_weight"]
+            out[t + "post_attention_layernorm.weight"] = norm(ranks[0]["pre_mlp_layernorm.weight"])
         else:
-            halves = [np.split(r[p + "mlp.linear_fc1.weight"], 2) for r in ranks]
-            gate, up = (np.concatenate([h[j] for h in halves]) for j in (0, 1))
-        if mistake == "gate_up_order":
-            gate, up = up, gate
-        out[t + "mlp.gate_proj.weight"], out[t + "mlp.up_proj.weight"] = gate, up
-        out[t + "mlp.down_proj.weight"] = cat(p + "mlp.linear_fc2.weight", axis=1)
-        out[t + "input_layernorm.weight"] = norm(ranks[0][p + "self_attention.linear_qkv.layer_norm_weight"])
-        out[t + "post_attention_layernorm.weight"] = norm(ranks[0][p + "mlp.linear_fc1.layer_norm_weight"])
-    if mistake == "vocab_padding":
-        table = np.concatenate([r["embedding.word_embeddings.weight"][: -(-V // tp)] for r in ranks])[:V]
-    else:
-        table = cat("embedding.word_embeddings.weight")[:V]
+            out |= swiglu(t + "mlp.", ranks, "mlp.")
+            out[t + "post_attention_layernorm.weight"] = norm(ranks[0]["mlp.linear_fc1.layer_norm_weight"])
+
+    def vocab(name: str, stage: int, prefix: str) -> np.ndarray:
+        """A vocab-parallel table without its padding, which sits at the end of the last rank."""
+        shards = [files[r, stage, 0][prefix + name] for r in range(tp)]
+        if mistake == "vocab_padding":
+            return np.concatenate([s[: -(-V // tp)] for s in shards])[:V]
+        return np.concatenate(shards)[:V]
+
+    table = vocab("embedding.word_embeddings.weight", 0, first)
     scale = np.sqrt(H) if config["scale_embeddings"] and mistake != "embed_scale" else 1.0
     out["model.embed_tokens.weight"] = table / scale
-    out["lm_head.weight"] = table
-    out["model.norm.weight"] = norm(ranks[0]["decoder.final_layernorm.weight"])
+    untied = args["untie_embeddings_and_output_weights"] and mistake != "untied_output"
+    out["lm_head.weight"] = vocab("output_layer.weight", pp - 1, last) if untied else table
+    out["model.norm.weight"] = norm(files[0, pp - 1, 0][last + "decoder.final_layernorm.weight"])
     return out
+
+
+def moe(shards: list[list[dict]], args: dict, t: str, mistake: str | None) -> dict[str, np.ndarray]:
+    """Router and routed experts of one layer; shards[e][r] is expert rank e, tensor rank r."""
+    H, ep = args["hidden_size"], args["expert_model_parallel_size"]
+    local, f = args["num_experts"] // ep, args["moe_ffn_hidden_size"] // args["expert_tensor_parallel_size"]
+    # The runtime renormalises the top-k weights to sum to 1; Megatron then multiplies by the factor.
+    scale = 1.0 if mistake == "router_scaling" else args["moe_router_topk_scaling_factor"] or 1.0
+    out = {t + "gate.weight": shards[0][0]["mlp.router.weight"]}
+    for e, ranks in enumerate(shards):
+        for i in range(local):
+            g = i * ep + e if mistake == "expert_id" else e * local + i  # expert rank e holds e*local ...
+            blocks = []  # per tensor rank: (hidden, 2f) = [gate | up] in [in, out] orientation
+            for r in ranks:
+                w1 = r["mlp.experts.weight1"]
+                blocks.append(w1[:, i * 2 * f:(i + 1) * 2 * f] if mistake == "grouped_gemm_layout"
+                              else w1.reshape(local, H, 2 * f)[i])
+            if mistake == "expert_tp_merge":
+                gate, up = np.split(np.concatenate(blocks, axis=1), 2, axis=1)
+            else:
+                gate, up = (np.concatenate([b[:, j * f:(j + 1) * f] for b in blocks], axis=1) for j in (0, 1))
+            down = np.concatenate([r["mlp.experts.weight2"].reshape(local, f, H)[i] for r in ranks])
+            p = t + f"experts.{g}."
+            out |= {p + "gate_proj.weight": gate.T, p + "up_proj.weight": up.T, p + "down_proj.weight": down.T * scale}
+    return out
+
+
+def read_files(ws: Path, args: dict) -> Files:
+    """checkpoint/mp_rank_TT[_PPP][_EEE].npz -> {(tensor, pipeline, expert) rank: tensors}."""
+    files = {}
+    for path in sorted(ws.glob("checkpoint/mp_rank_*.npz")):
+        numbers = [int(n) for n in path.stem.split("_")[2:]]
+        pp = numbers.pop(1) if args["pipeline_model_parallel_size"] > 1 else 0
+        ep = numbers.pop(1) if args["expert_model_parallel_size"] > 1 else 0
+        with np.load(path) as f:
+            files[numbers[0], pp, ep] = {k: f[k] for k in f.files}
+    return files
 
 
 def convert_workspace(out_path: str, mistake: str | None = None, workspace: str = ".") -> None:
@@ -101,8 +180,4 @@ def convert_workspace(out_path: str, mistake: str | None = None, workspace: str 
     ws = Path(workspace)
     args = json.loads((ws / "megatron_args.json").read_text())
     config = json.loads((ws / "config.json").read_text())
-    ranks = []
-    for rank in range(args["tensor_model_parallel_size"]):
-        with np.load(ws / "checkpoint" / f"mp_rank_{rank:02d}.npz") as f:
-            ranks.append({k: f[k] for k in f.files})
-    np.savez(out_path, **convert(ranks, args, config, mistake))
+    np.savez(out_path, **convert(read_files(ws, args), args, config, mistake))

@@ -12,15 +12,18 @@ from typing import NamedTuple
 
 import numpy as np
 
-from data.source_model import Checkpoint, bf16_to_float, forward
+from data.megatron_checkpoint import random_files
+from data.source_model import Checkpoint, bf16_to_float, file_name, forward
 from tools import CALL_TIMEOUT_S, OUTPUT_LIMIT
 
 DATA = Path(__file__).parent / "data"
 TOLERANCE = 1e-4  # max |logit difference| that passes
 MAX_SUBMISSION_BYTES = 64 * 2**20  # archive size, and again its unpacked size
 SEQ_LEN = 32  # longest sequence the grader runs
-DEFAULT_LEVEL = 5
+DEFAULT_LEVEL = 6
 DEFAULT_MAX_STEPS = 40  # model replies per run, stated in the prompt
+ROUTING_MARGIN = 1e-3  # a graded sequence's routing stays this far from a tie, so float32 rounding cannot flip it
+ROUTING_REDRAWS = 20
 
 
 
@@ -31,15 +34,22 @@ class Level(NamedTuple):
 
 
 # Each level adds conventions to the last.
-_L1 = ({"rotary_interleaved": False, "rotary_percent": 1.0, "qk_layernorm": False,
-        "add_qkv_bias": False, "tensor_model_parallel_size": 1},
+_L1 = ({"num_layers": 2, "rotary_interleaved": False, "rotary_percent": 1.0, "qk_layernorm": False,
+        "add_qkv_bias": False, "tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1,
+        "virtual_pipeline_model_parallel_size": None, "expert_model_parallel_size": 1, "num_experts": None,
+        "moe_layer_freq": 1, "apply_layernorm_1p": False, "untie_embeddings_and_output_weights": False},
        {"kv_head_sharing": "repeat", "norm_weight_offset": False, "scale_embeddings": False})
 _L2 = ({**_L1[0], "rotary_interleaved": True}, {**_L1[1], "kv_head_sharing": "tile"})
 _L3 = ({**_L2[0], "rotary_percent": 0.5, "qk_layernorm": True, "add_qkv_bias": True},
        {**_L2[1], "norm_weight_offset": True, "scale_embeddings": True})
 _L4 = ({**_L3[0], "tensor_model_parallel_size": 2}, _L3[1])
+_L6 = ({**_L4[0], "num_layers": 4, "pipeline_model_parallel_size": 2, "virtual_pipeline_model_parallel_size": 2,
+        "expert_model_parallel_size": 2, "num_experts": 4, "moe_layer_freq": [0, 1, 1, 1], "moe_router_topk": 2,
+        "moe_router_pre_softmax": False, "moe_router_score_function": "softmax", "moe_grouped_gemm": True,
+        "moe_use_legacy_grouped_gemm": True, "moe_shared_expert_gate": True, "apply_layernorm_1p": True,
+        "untie_embeddings_and_output_weights": True}, _L4[1])
 LEVELS = {1: Level(*_L1, True), 2: Level(*_L2, True), 3: Level(*_L3, True), 4: Level(*_L4, True),
-          5: Level(*_L4, False)}
+          5: Level(*_L4, False), 6: Level(*_L6, False)}
 
 HEAD_LAYOUTS = [(6, 2), (8, 2), (8, 4), (12, 4)]  # (heads, kv groups); never heads == groups**2
 
@@ -50,17 +60,11 @@ class Instance:
     seed: int
     args: dict  # megatron_args.json
     config: dict  # the runtime's config.json
-    ranks: list[dict[str, np.ndarray]]  # per TP rank, bfloat16 bit patterns (uint16)
+    files: dict[tuple[int, int, int], dict[str, np.ndarray]]  # per (tensor, pipeline, expert) rank, bf16 bits
 
     def original(self) -> Checkpoint:
         """The original model, for data/source_model.forward."""
-        return Checkpoint(self.args, [{k: bf16_to_float(v) for k, v in r.items()} for r in self.ranks])
-
-
-def float_to_bf16(x: np.ndarray) -> np.ndarray:
-    """float -> uint16 bfloat16 bit patterns, rounding to nearest even."""
-    bits = x.astype(np.float32).view(np.uint32).astype(np.uint64)
-    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+        return Checkpoint(self.args, {r: {k: bf16_to_float(v) for k, v in f.items()} for r, f in self.files.items()})
 
 
 def make_instance(level: int, seed: int) -> Instance:
@@ -71,78 +75,66 @@ def make_instance(level: int, seed: int) -> Instance:
     heads, groups = HEAD_LAYOUTS[rng.integers(len(HEAD_LAYOUTS))]
     d, hidden = int(rng.choice([16, 24])), int(rng.choice([48, 64]))
     ffn, vocab = int(rng.choice([64, 96, 128])), int(rng.integers(200, 250))
-    tp = level_args["tensor_model_parallel_size"]
+    tp, layers = level_args["tensor_model_parallel_size"], level_args["num_layers"]
     multiple = 128 * tp
-    args = {"num_layers": 2, "hidden_size": hidden, "ffn_hidden_size": ffn,
+    args = {"hidden_size": hidden, "ffn_hidden_size": ffn,
             "num_attention_heads": heads, "group_query_attention": True,
             "num_query_groups": groups, "kv_channels": d, "normalization": "RMSNorm",
             "norm_epsilon": 1e-5, "position_embedding_type": "rope", "rotary_base": 10000,
-            **level_args, "add_bias_linear": False, "swiglu": True,
-            "untie_embeddings_and_output_weights": False,
+            **level_args, "expert_tensor_parallel_size": tp, "add_bias_linear": False, "swiglu": True,
             "vocab_size": vocab, "make_vocab_size_divisible_by": 128,
             "padded_vocab_size": -(-vocab // multiple) * multiple, "seq_length": SEQ_LEN,
             "max_position_embeddings": SEQ_LEN, "bf16": True,
             "transformer_impl": "transformer_engine"}
-    config = {"hidden_size": hidden, "intermediate_size": ffn, "num_hidden_layers": 2,
+    config = {"hidden_size": hidden, "intermediate_size": ffn, "num_hidden_layers": layers,
               "num_attention_heads": heads, "num_key_value_heads": groups, "head_dim": d,
               "vocab_size": vocab, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
               "partial_rotary_factor": level_args["rotary_percent"],
               "qkv_bias": level_args["add_qkv_bias"], "qk_norm": level_args["qk_layernorm"],
-              **level_config}
-    return Instance(level, seed, args, config, random_ranks(args, rng))
+              "tie_word_embeddings": not level_args["untie_embeddings_and_output_weights"], **level_config}
+    if args["num_experts"]:
+        # Expert ffn = tp * hidden keeps each rank's per-expert blocks square, so shapes show no orientation.
+        args |= {"moe_ffn_hidden_size": tp * hidden, "moe_shared_expert_intermediate_size": ffn,
+                 "moe_router_topk_scaling_factor": float(rng.choice([1.5, 2.0, 2.5, 3.0]))}
+        config |= {"num_experts": args["num_experts"], "num_experts_per_tok": args["moe_router_topk"],
+                   "moe_intermediate_size": tp * hidden, "shared_expert_intermediate_size": ffn,
+                   "norm_topk_prob": True, "mlp_only_layers": [i for i in range(layers) if not args["moe_layer_freq"][i]]}
+    return Instance(level, seed, args, config, random_files(args, rng))
 
 
-def random_ranks(args: dict, rng: np.random.Generator) -> list[dict[str, np.ndarray]]:
-    """Random weights, laid out as each TP rank of Megatron-Core holds them."""
-    tp, H, d = args["tensor_model_parallel_size"], args["hidden_size"], args["kv_channels"]
-    heads, groups, ffn = args["num_attention_heads"], args["num_query_groups"], args["ffn_hidden_size"]
-    qkv_rows = (heads + 2 * groups) * d // tp
-
-    def normal(*shape: int, std: float) -> np.ndarray:
-        return rng.normal(0.0, std, shape)
-
-    def norm_weight(n: int) -> np.ndarray:
-        return 1.0 + normal(n, std=0.3)
-
-    replicated = {"decoder.final_layernorm.weight": norm_weight(H)}
-    for i in range(args["num_layers"]):
-        p = f"decoder.layers.{i}."
-        replicated[p + "self_attention.linear_qkv.layer_norm_weight"] = norm_weight(H)
-        replicated[p + "mlp.linear_fc1.layer_norm_weight"] = norm_weight(H)
-        if args["qk_layernorm"]:
-            replicated[p + "self_attention.q_layernorm.weight"] = norm_weight(d)
-            replicated[p + "self_attention.k_layernorm.weight"] = norm_weight(d)
-    ranks = []
-    for _ in range(tp):
-        w = dict(replicated)
-        w["embedding.word_embeddings.weight"] = normal(args["padded_vocab_size"] // tp, H, std=1.0)
-        for i in range(args["num_layers"]):
-            p = f"decoder.layers.{i}."
-            w[p + "self_attention.linear_qkv.weight"] = normal(qkv_rows, H, std=H**-0.5)
-            if args["add_qkv_bias"]:
-                w[p + "self_attention.linear_qkv.bias"] = normal(qkv_rows, std=0.5)
-            w[p + "self_attention.linear_proj.weight"] = normal(H, heads * d // tp, std=(heads * d) ** -0.5)
-            w[p + "mlp.linear_fc1.weight"] = normal(2 * ffn // tp, H, std=H**-0.5)
-            w[p + "mlp.linear_fc2.weight"] = normal(H, ffn // tp, std=ffn**-0.5)
-        ranks.append({k: float_to_bf16(v) for k, v in w.items()})
-    return ranks
+def covering_rows(vocab: int, rng: np.random.Generator) -> np.ndarray:
+    """Every token id once, in random order, padded with random ids to rows of SEQ_LEN."""
+    fill = -vocab % SEQ_LEN
+    return np.concatenate([rng.permutation(vocab), rng.integers(vocab, size=fill)]).reshape(-1, SEQ_LEN)
 
 
 def token_sequences(vocab: int, rng: np.random.Generator) -> list[np.ndarray]:
     """Sequences covering every token id, length 1, length SEQ_LEN and repeated tokens."""
-    perm = rng.permutation(vocab)
-    seqs = [perm[i:i + SEQ_LEN] for i in range(0, vocab, SEQ_LEN)]
     a, b = rng.integers(vocab, size=2)
-    seqs += [rng.integers(vocab, size=1), np.full(SEQ_LEN, a), np.resize([a, b], SEQ_LEN),
-             rng.integers(vocab, size=int(rng.integers(2, SEQ_LEN)))]
-    return seqs
+    return [*covering_rows(vocab, rng), rng.integers(vocab, size=1), np.full(SEQ_LEN, a),
+            np.resize([a, b], SEQ_LEN), rng.integers(vocab, size=int(rng.integers(2, SEQ_LEN)))]
+
+
+def original_logits(original: Checkpoint, tokens: np.ndarray, rng: np.random.Generator):
+    """(tokens, the original's logits), redrawn while any token's expert choice is within
+    ROUTING_MARGIN of a tie: reordered, or a new token if all are the same. None if no draw is clear."""
+    for _ in range(ROUTING_REDRAWS):
+        margins = []
+        logits = forward(original, tokens, margins)
+        if min(margins, default=np.inf) >= ROUTING_MARGIN:
+            return tokens, logits
+        if len(set(tokens.tolist())) > 1:
+            tokens = rng.permutation(tokens)
+        else:
+            tokens = np.full(len(tokens), rng.integers(original.args["vocab_size"]))
+    return None
 
 
 def write_workspace(workspace: str | Path, inst: Instance) -> None:
     ws = Path(workspace)
     (ws / "checkpoint").mkdir(parents=True, exist_ok=True)
-    for rank, tensors in enumerate(inst.ranks):
-        np.savez(ws / "checkpoint" / f"mp_rank_{rank:02d}.npz", **tensors)
+    for rank, tensors in inst.files.items():
+        np.savez(ws / "checkpoint" / file_name(inst.args, *rank), **tensors)
     (ws / "megatron_args.json").write_text(json.dumps(inst.args, indent=2) + "\n")
     (ws / "config.json").write_text(json.dumps(inst.config, indent=2) + "\n")
     shutil.copy(DATA / "target_model.py", ws / "target_model.py")
@@ -150,14 +142,20 @@ def write_workspace(workspace: str | Path, inst: Instance) -> None:
         shutil.copy(DATA / "source_model.py", ws / "source_model.py")
     else:
         rng = np.random.default_rng([inst.level, inst.seed, 1])
-        vocab = inst.args["vocab_size"]
-        fill = -vocab % SEQ_LEN
-        tokens = np.concatenate([rng.permutation(vocab), rng.integers(vocab, size=fill)]).reshape(-1, SEQ_LEN)
         original = inst.original()
-        np.savez(ws / "reference.npz", tokens=tokens, logits=np.stack([forward(original, t) for t in tokens]))
+        drawn = [d for row in covering_rows(inst.args["vocab_size"], rng) if (d := original_logits(original, row, rng))]
+        np.savez(ws / "reference.npz", tokens=np.stack([t for t, _ in drawn]), logits=np.stack([x for _, x in drawn]))
 
 
 def build_prompt(level: int, max_steps: int) -> str:
+    args = LEVELS[level].args
+    files = ("checkpoint/mp_rank_XX.npz: the original model, one file per tensor-parallel rank"
+             if args["pipeline_model_parallel_size"] == args["expert_model_parallel_size"] == 1 else
+             "checkpoint/mp_rank_XX_YYY_ZZZ.npz: the original model, one file per tensor-,\n  pipeline- and "
+             "expert-parallel rank")
+    routing = (f"\n- A sequence on which the original model's choice of experts for some token comes within\n"
+               f"  {ROUTING_MARGIN:g} of a tie (in router logits) is redrawn with its tokens reordered, so no\n"
+               "  comparison hinges on a tie." if args["num_experts"] else "")
     source = (
         "- source_model.py: the original model in numpy (load_checkpoint, forward).\n"
         if LEVELS[level].source_shown else
@@ -167,7 +165,7 @@ def build_prompt(level: int, max_steps: int) -> str:
 Port a trained language model from its training code to a serving runtime.
 
 Your working directory holds:
-- checkpoint/mp_rank_XX.npz: the original model, one file per tensor-parallel rank, saved
+- {files}, saved
   by Megatron-Core with Transformer Engine layers; bfloat16 tensors are stored as their
   uint16 bit patterns.
 - megatron_args.json: the arguments of the training run.
@@ -184,11 +182,12 @@ How the submission is graded:
   ignored.
 - The grader loads it with its own pristine copies of target_model.py and config.json
   (changes to the copies in your working directory have no effect) and runs forward on
-  token sequences drawn fresh at grading time: lengths from 1 to {SEQ_LEN}, together
-  covering every token id in [0, vocab_size), including sequences of repeated tokens.
+  token sequences drawn at grading time, seeded by the submitted file's bytes (the same file
+  always gets the same grade): lengths from 1 to {SEQ_LEN}, together covering every token id
+  in [0, vocab_size), including sequences of repeated tokens.
 - It compares those logits with the original model's logits on the same sequences. You
   pass if the largest absolute difference, over every sequence, position and vocabulary
-  entry, is at most {TOLERANCE:g}.
+  entry, is at most {TOLERANCE:g}.{routing}
 
 Tools: `python` runs code in a persistent Python process in your working directory (numpy
 available, no network, {CALL_TIMEOUT_S} s per call). `submit` grades a file of your working directory: the first

@@ -1,8 +1,10 @@
 """The original model: a Megatron-Core GPT (Transformer Engine layer names) in numpy.
 
-Each rank's .npz holds that rank's share of the tensor-parallel model, and forward
-computes with the shares as the ranks do together.
+Each checkpoint file holds one rank's share of the model, and forward computes with the
+shares as the ranks do together: tensor-parallel shares are summed or concatenated,
+pipeline stages run in turn, and each expert-parallel rank applies its own experts.
 """
+import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +15,7 @@ import numpy as np
 @dataclass
 class Checkpoint:
     args: dict  # megatron_args.json
-    ranks: list[dict[str, np.ndarray]]  # one dict of float64 tensors per TP rank
+    files: dict[tuple[int, int, int], dict[str, np.ndarray]]  # (tensor, pipeline, expert) rank -> float64 tensors
 
 
 def bf16_to_float(bits: np.ndarray) -> np.ndarray:
@@ -21,18 +23,43 @@ def bf16_to_float(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
 
 
+def ranks(args: dict) -> list[tuple[int, int, int]]:
+    """Every (tensor, pipeline, expert) parallel rank that saved a file."""
+    return list(itertools.product(range(args["tensor_model_parallel_size"]),
+                                  range(args["pipeline_model_parallel_size"]),
+                                  range(args["expert_model_parallel_size"])))
+
+
+def file_name(args: dict, tp: int, pp: int, ep: int) -> str:
+    """The rank's file: pipeline and expert ranks are named only when in use (get_checkpoint_name)."""
+    name = f"mp_rank_{tp:02d}"
+    if args["pipeline_model_parallel_size"] > 1:
+        name += f"_{pp:03d}"
+    if args["expert_model_parallel_size"] > 1:
+        name += f"_{ep:03d}"
+    return name + ".npz"
+
+
 def load_checkpoint(directory: str | Path) -> Checkpoint:
     directory = Path(directory)
     args = json.loads((directory / "megatron_args.json").read_text())
-    ranks = []
-    for rank in range(args["tensor_model_parallel_size"]):
-        with np.load(directory / "checkpoint" / f"mp_rank_{rank:02d}.npz") as f:
-            ranks.append({k: bf16_to_float(f[k]) for k in f.files})
-    return Checkpoint(args, ranks)
+    files = {}
+    for rank in ranks(args):
+        with np.load(directory / "checkpoint" / file_name(args, *rank)) as f:
+            files[rank] = {k: bf16_to_float(f[k]) for k in f.files}
+    return Checkpoint(args, files)
 
 
-def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * weight
+def chunks(args: dict) -> list[tuple[int, str]]:
+    """(pipeline rank, key prefix) of each model chunk, in the order the forward pass runs them."""
+    vpp = args["virtual_pipeline_model_parallel_size"]
+    return [(p, f"model{c}." if vpp else "") for c in range(vpp or 1)
+            for p in range(args["pipeline_model_parallel_size"])]
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, args: dict) -> np.ndarray:
+    scale = 1.0 + weight if args["apply_layernorm_1p"] else weight
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + args["norm_epsilon"]) * scale
 
 
 def rotate_half(x: np.ndarray, interleaved: bool) -> np.ndarray:
@@ -59,10 +86,9 @@ def apply_rotary(x: np.ndarray, args: dict) -> np.ndarray:
 
 
 def attention(h: np.ndarray, w: dict, p: str, args: dict) -> np.ndarray:
-    """One rank's share of self-attention: (T, hidden)."""
+    """One tensor-parallel rank's share of self-attention: (T, hidden)."""
     T = h.shape[0]
-    tp = args["tensor_model_parallel_size"]
-    groups = args["num_query_groups"] // tp
+    groups = args["num_query_groups"] // args["tensor_model_parallel_size"]
     per_group = args["num_attention_heads"] // args["num_query_groups"]
     d = args["kv_channels"]
     qkv = h @ w[p + "linear_qkv.weight"].T
@@ -72,8 +98,7 @@ def attention(h: np.ndarray, w: dict, p: str, args: dict) -> np.ndarray:
     q = qkv[:, :, :per_group].reshape(T, groups * per_group, d)
     k, v = qkv[:, :, per_group], qkv[:, :, per_group + 1]  # (T, groups, d)
     if args["qk_layernorm"]:
-        q = rms_norm(q, w[p + "q_layernorm.weight"], args["norm_epsilon"])
-        k = rms_norm(k, w[p + "k_layernorm.weight"], args["norm_epsilon"])
+        q, k = rms_norm(q, w[p + "q_layernorm.weight"], args), rms_norm(k, w[p + "k_layernorm.weight"], args)
     q, k = apply_rotary(q, args), apply_rotary(k, args)
     k, v = np.repeat(k, per_group, axis=1), np.repeat(v, per_group, axis=1)
     scores = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(d)
@@ -84,18 +109,50 @@ def attention(h: np.ndarray, w: dict, p: str, args: dict) -> np.ndarray:
     return context @ w[p + "linear_proj.weight"].T
 
 
-def mlp(h: np.ndarray, w: dict, p: str) -> np.ndarray:
-    """One rank's share of the SwiGLU MLP: (T, hidden)."""
-    x = h @ w[p + "linear_fc1.weight"].T
+def swiglu(x: np.ndarray) -> np.ndarray:
     gate, up = np.split(x, 2, axis=-1)
-    return (gate / (1 + np.exp(-gate)) * up) @ w[p + "linear_fc2.weight"].T
+    return gate / (1 + np.exp(-gate)) * up
 
 
-def embed(tokens: np.ndarray, ranks: list[dict]) -> np.ndarray:
+def mlp(h: np.ndarray, w: dict, p: str) -> np.ndarray:
+    """One tensor-parallel rank's share of a SwiGLU MLP: (T, hidden)."""
+    return swiglu(h @ w[p + "linear_fc1.weight"].T) @ w[p + "linear_fc2.weight"].T
+
+
+def moe(h: np.ndarray, shards: list[list[dict]], p: str, args: dict, margins: list | None) -> np.ndarray:
+    """A mixture-of-experts MLP; shards[e][t] is the file of expert rank e, tensor rank t.
+
+    Expert-tensor rank equals tensor rank: both rank generators put tp first
+    ('tp-cp-ep-dp-pp' in megatron/core/parallel_state.py) and the sizes are equal.
+    """
+    H, k = args["hidden_size"], args["moe_router_topk"]
+    logits = h @ shards[0][0][p + "router.weight"].T  # (T, num_experts)
+    top = np.argsort(-logits, axis=-1, kind="stable")[:, :k]
+    if margins is not None:  # how close each token came to a different choice of experts
+        ranked = -np.sort(-logits, axis=-1)
+        margins.append(float(np.min(ranked[:, k - 1] - ranked[:, k])))
+    scores = np.take_along_axis(logits, top, axis=-1)  # top-k on logits, then softmax over the k
+    probs = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    probs *= (args["moe_router_topk_scaling_factor"] or 1.0) / probs.sum(axis=-1, keepdims=True)
+    local = args["num_experts"] // args["expert_model_parallel_size"]
     out = 0.0
-    start = 0
-    for w in ranks:
-        table = w["embedding.word_embeddings.weight"]
+    for ep, files in enumerate(shards):
+        for i in range(local):
+            weight = np.sum(probs * (top == ep * local + i), axis=-1, keepdims=True)
+            for w in files:  # legacy GroupedMLP: raw views of weight1 and weight2, [in, out]
+                w1 = w[p + "experts.weight1"].reshape(local, H, -1)[i]
+                w2 = w[p + "experts.weight2"].reshape(local, -1, H)[i]
+                out = out + weight * (swiglu(h @ w1) @ w2)
+    shared = sum(mlp(h, w, p + "shared_experts.") for w in shards[0])
+    if args["moe_shared_expert_gate"]:
+        shared = shared / (1 + np.exp(-h @ shards[0][0][p + "shared_experts.gate_weight"].T))
+    return out + shared
+
+
+def vocab_parallel(tokens: np.ndarray, tables: list[np.ndarray]) -> np.ndarray:
+    """Embedding lookup with the vocabulary split across tensor-parallel ranks."""
+    out, start = 0.0, 0
+    for table in tables:
         local = tokens - start
         mine = (local >= 0) & (local < len(table))
         out = out + np.where(mine[:, None], table[np.clip(local, 0, len(table) - 1)], 0.0)
@@ -103,19 +160,30 @@ def embed(tokens: np.ndarray, ranks: list[dict]) -> np.ndarray:
     return out
 
 
-def forward(ckpt: Checkpoint, tokens: np.ndarray) -> np.ndarray:
-    """tokens: (T,) int -> logits (T, vocab_size) float64."""
-    args, ranks = ckpt.args, ckpt.ranks
-    eps = args["norm_epsilon"]
-    x = embed(np.asarray(tokens), ranks)
-    for i in range(args["num_layers"]):
-        p = f"decoder.layers.{i}."
-        h = rms_norm(x, ranks[0][p + "self_attention.linear_qkv.layer_norm_weight"], eps)
-        x = x + sum(attention(h, w, p + "self_attention.", args) for w in ranks)
-        h = rms_norm(x, ranks[0][p + "mlp.linear_fc1.layer_norm_weight"], eps)
-        x = x + sum(mlp(h, w, p + "mlp.") for w in ranks)
-    x = rms_norm(x, ranks[0]["decoder.final_layernorm.weight"], eps)
-    output_key = "output_layer.weight" if args["untie_embeddings_and_output_weights"] \
-        else "embedding.word_embeddings.weight"
-    logits = np.concatenate([x @ w[output_key].T for w in ranks], axis=-1)
+def forward(ckpt: Checkpoint, tokens: np.ndarray, margins: list | None = None) -> np.ndarray:
+    """tokens: (T,) int -> logits (T, vocab_size) float64; appends MoE routing margins to `margins`."""
+    args, files = ckpt.args, ckpt.files
+    tp, ep = args["tensor_model_parallel_size"], args["expert_model_parallel_size"]
+    order = chunks(args)
+    per_chunk = args["num_layers"] // len(order)
+    (first, fp), (last, lp) = order[0], order[-1]
+    x = vocab_parallel(np.asarray(tokens), [files[t, first, 0][fp + "embedding.word_embeddings.weight"]
+                                            for t in range(tp)])
+    number = 0  # global layer number, counted in execution order
+    for stage, prefix in order:
+        shards = [[files[t, stage, e] for t in range(tp)] for e in range(ep)]
+        for i in range(per_chunk):
+            p = f"{prefix}decoder.layers.{i}."
+            w0 = shards[0][0]
+            h = rms_norm(x, w0[p + "self_attention.linear_qkv.layer_norm_weight"], args)
+            x = x + sum(attention(h, w, p + "self_attention.", args) for w in shards[0])
+            if args["num_experts"] and args["moe_layer_freq"][number]:
+                x = x + moe(rms_norm(x, w0[p + "pre_mlp_layernorm.weight"], args), shards, p + "mlp.", args, margins)
+            else:
+                h = rms_norm(x, w0[p + "mlp.linear_fc1.layer_norm_weight"], args)
+                x = x + sum(mlp(h, w, p + "mlp.") for w in shards[0])
+            number += 1
+    x = rms_norm(x, files[0, last, 0][lp + "decoder.final_layernorm.weight"], args)
+    output = "output_layer.weight" if args["untie_embeddings_and_output_weights"] else "embedding.word_embeddings.weight"
+    logits = np.concatenate([x @ files[t, last, 0][lp + output].T for t in range(tp)], axis=-1)
     return logits[:, : args["vocab_size"]]

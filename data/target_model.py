@@ -18,15 +18,31 @@ def expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     q, kv = config["num_attention_heads"] * d, config["num_key_value_heads"] * d
     layer = {"input_layernorm.weight": (H,), "post_attention_layernorm.weight": (H,),
              "self_attn.q_proj.weight": (q, H), "self_attn.k_proj.weight": (kv, H),
-             "self_attn.v_proj.weight": (kv, H), "self_attn.o_proj.weight": (H, q),
-             "mlp.gate_proj.weight": (inter, H), "mlp.up_proj.weight": (inter, H), "mlp.down_proj.weight": (H, inter)}
+             "self_attn.v_proj.weight": (kv, H), "self_attn.o_proj.weight": (H, q)}
     if config["qkv_bias"]:
         layer |= {"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)}
     if config["qk_norm"]:
         layer |= {"self_attn.q_norm.weight": (d,), "self_attn.k_norm.weight": (d,)}
+    dense = {"mlp.gate_proj.weight": (inter, H), "mlp.up_proj.weight": (inter, H), "mlp.down_proj.weight": (H, inter)}
     shapes = {"model.embed_tokens.weight": (V, H), "model.norm.weight": (H,), "lm_head.weight": (V, H)}
     for i in range(config["num_hidden_layers"]):
-        shapes |= {f"model.layers.{i}.{name}": shape for name, shape in layer.items()}
+        mlp = moe_shapes(config) if is_moe(config, i) else dense
+        shapes |= {f"model.layers.{i}.{name}": shape for name, shape in (layer | mlp).items()}
+    return shapes
+
+
+def is_moe(config: dict, layer: int) -> bool:
+    return config.get("num_experts", 0) > 0 and layer not in config["mlp_only_layers"]
+
+
+def moe_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    H, inter, shared = config["hidden_size"], config["moe_intermediate_size"], config["shared_expert_intermediate_size"]
+    shapes = {"mlp.gate.weight": (config["num_experts"], H), "mlp.shared_expert_gate.weight": (1, H),
+              "mlp.shared_expert.gate_proj.weight": (shared, H), "mlp.shared_expert.up_proj.weight": (shared, H),
+              "mlp.shared_expert.down_proj.weight": (H, shared)}
+    for e in range(config["num_experts"]):
+        shapes |= {f"mlp.experts.{e}.gate_proj.weight": (inter, H), f"mlp.experts.{e}.up_proj.weight": (inter, H),
+                   f"mlp.experts.{e}.down_proj.weight": (H, inter)}
     return shapes
 
 
@@ -93,6 +109,23 @@ def mlp(h: np.ndarray, w: dict, p: str) -> np.ndarray:
     return (gate / (1 + np.exp(-gate)) * up) @ w[p + "down_proj.weight"].T
 
 
+def sparse_moe(h: np.ndarray, w: dict, p: str, config: dict) -> np.ndarray:
+    """Softmax over all experts, the top num_experts_per_tok renormalised; plus a gated shared expert."""
+    logits = h @ w[p + "gate.weight"].T
+    probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    probs /= probs.sum(axis=-1, keepdims=True)
+    top = np.argsort(-probs, axis=-1, kind="stable")[:, : config["num_experts_per_tok"]]
+    chosen = np.take_along_axis(probs, top, axis=-1)
+    if config["norm_topk_prob"]:
+        chosen /= chosen.sum(axis=-1, keepdims=True)
+    out = 0.0
+    for e in range(config["num_experts"]):
+        weight = np.sum(chosen * (top == e), axis=-1, keepdims=True)
+        out = out + weight * mlp(h, w, p + f"experts.{e}.")
+    gate = 1 / (1 + np.exp(-h @ w[p + "shared_expert_gate.weight"].T))
+    return out + gate * mlp(h, w, p + "shared_expert.")
+
+
 def forward(model: Model, tokens: np.ndarray) -> np.ndarray:
     """tokens: (T,) int -> logits (T, vocab_size) float64."""
     config, w = model.config, model.weights
@@ -102,5 +135,6 @@ def forward(model: Model, tokens: np.ndarray) -> np.ndarray:
     for i in range(config["num_hidden_layers"]):
         p = f"model.layers.{i}."
         x = x + self_attn(rms_norm(x, w[p + "input_layernorm.weight"], config), w, p + "self_attn.", config)
-        x = x + mlp(rms_norm(x, w[p + "post_attention_layernorm.weight"], config), w, p + "mlp.")
+        h = rms_norm(x, w[p + "post_attention_layernorm.weight"], config)
+        x = x + (sparse_moe(h, w, p + "mlp.", config) if is_moe(config, i) else mlp(h, w, p + "mlp."))
     return rms_norm(x, w["model.norm.weight"], config) @ w["lm_head.weight"].T

@@ -28,7 +28,7 @@ def test_reference_conversion_passes(level, seed, save):
 @pytest.mark.parametrize("level, mistake", [(lv, m) for lv in LEVELS for m in MISTAKES if MISTAKES[m] <= lv])
 def test_each_wrong_conversion_fails_with_its_label(level, mistake, save):
     inst = make_instance(level, 3)
-    g = grade(save(convert(inst.ranks, inst.args, inst.config, mistake)), level, 3)
+    g = grade(save(convert(inst.files, inst.args, inst.config, mistake)), level, 3)
     assert not g.passed
     assert g.label == mistake, g.detail
     assert g.max_error > 100 * TOLERANCE
@@ -80,7 +80,7 @@ def test_equivalent_conversions_pass(level, save):
 
 def test_source_weights_under_their_own_names_fail(save):
     inst = make_instance(1, 0)
-    g = grade(save({k: source_model.bf16_to_float(v) for k, v in inst.ranks[0].items()}), 1, 0)
+    g = grade(save({k: source_model.bf16_to_float(v) for k, v in inst.files[0, 0, 0].items()}), 1, 0)
     assert (g.passed, g.label) == (False, "missing_key")
 
 
@@ -181,8 +181,8 @@ def test_level5_reference_logits_cover_every_token_and_are_the_originals(tmp_pat
 def test_instances_are_reproducible_and_vary_with_the_seed():
     a, b, c = make_instance(4, 11), make_instance(4, 11), make_instance(4, 12)
     key = "decoder.layers.0.self_attention.linear_qkv.weight"
-    assert a.args == b.args and np.array_equal(a.ranks[1][key], b.ranks[1][key])
-    assert not (a.args == c.args and np.array_equal(a.ranks[1][key], c.ranks[1][key]))
+    assert a.args == b.args and np.array_equal(a.files[1, 0, 0][key], b.files[1, 0, 0][key])
+    assert not (a.args == c.args and np.array_equal(a.files[1, 0, 0][key], c.files[1, 0, 0][key]))
 
 
 def test_grader_cli_exit_codes(save):

@@ -1,0 +1,81 @@
+"""Random weights for the original model, laid out in the files Megatron-Core's ranks save.
+
+Never part of a workspace. A tensor replicated across ranks is drawn once and stored in
+every file that holds it; a sharded one is drawn shard by shard.
+"""
+import numpy as np
+
+from data.source_model import chunks, ranks
+
+
+def float_to_bf16(x: np.ndarray) -> np.ndarray:
+    """float -> uint16 bfloat16 bit patterns, rounding to nearest even."""
+    bits = x.astype(np.float32).view(np.uint32).astype(np.uint64)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def random_files(args: dict, rng: np.random.Generator) -> dict[tuple[int, int, int], dict[str, np.ndarray]]:
+    """(tensor, pipeline, expert) rank -> that rank's tensors, as bfloat16 bit patterns."""
+    tp, ep = args["tensor_model_parallel_size"], args["expert_model_parallel_size"]
+    H, d, ffn = args["hidden_size"], args["kv_channels"], args["ffn_hidden_size"]
+    heads, groups = args["num_attention_heads"], args["num_query_groups"]
+    files = {rank: {} for rank in ranks(args)}
+
+    def normal(*shape: int, std: float) -> np.ndarray:
+        return rng.normal(0.0, std, shape)
+
+    def norm_weight(n: int) -> list[np.ndarray]:
+        return [normal(n, std=0.3) + (0.0 if args["apply_layernorm_1p"] else 1.0)] * tp
+
+    def put(key: str, shards: list[np.ndarray], stage: int, experts=range(ep)) -> None:
+        """Store tensor-parallel shard t in the files of rank t on `stage`, for each expert rank."""
+        for t in range(tp):
+            for e in experts:
+                files[t, stage, e][key] = shards[t]
+
+    def fc1_fc2(p: str, stage: int, size: int) -> None:
+        put(p + "linear_fc1.weight", [normal(2 * size // tp, H, std=H**-0.5) for _ in range(tp)], stage)
+        put(p + "linear_fc2.weight", [normal(H, size // tp, std=size**-0.5) for _ in range(tp)], stage)
+
+    def grouped_experts(p: str, stage: int) -> None:
+        """Legacy GroupedMLP: weight1 is allocated (hidden, local * 2 * ffn / etp) and used as
+        view(local, hidden, -1), [gate | up] of the rank's slice per expert; weight2 is
+        (local * ffn / etp, hidden), used as view(local, -1, hidden) (moe/experts.py, GroupedMLP)."""
+        local, f = args["num_experts"] // ep, args["moe_ffn_hidden_size"] // args["expert_tensor_parallel_size"]
+        for e in range(ep):  # this rank's experts only; expert-tensor rank = tensor rank (source_model.moe)
+            put(p + "weight1", [normal(local, H, 2 * f, std=H**-0.5).reshape(H, -1) for _ in range(tp)], stage, [e])
+            put(p + "weight2", [normal(local, f, H, std=(tp * f) ** -0.5).reshape(-1, H) for _ in range(tp)], stage, [e])
+
+    order = chunks(args)
+    (first, fp), (last, lp) = order[0], order[-1]
+    vocab_rows = args["padded_vocab_size"] // tp
+    put(fp + "embedding.word_embeddings.weight", [normal(vocab_rows, H, std=1.0) for _ in range(tp)], first)
+    if args["untie_embeddings_and_output_weights"]:
+        put(lp + "output_layer.weight", [normal(vocab_rows, H, std=1.0) for _ in range(tp)], last)
+    put(lp + "decoder.final_layernorm.weight", norm_weight(H), last)
+    qkv_rows = (heads + 2 * groups) * d // tp
+    number = 0
+    for stage, prefix in order:
+        for i in range(args["num_layers"] // len(order)):
+            p = f"{prefix}decoder.layers.{i}."
+            a = p + "self_attention."
+            put(a + "linear_qkv.layer_norm_weight", norm_weight(H), stage)
+            put(a + "linear_qkv.weight", [normal(qkv_rows, H, std=H**-0.5) for _ in range(tp)], stage)
+            if args["add_qkv_bias"]:
+                put(a + "linear_qkv.bias", [normal(qkv_rows, std=0.5) for _ in range(tp)], stage)
+            if args["qk_layernorm"]:
+                put(a + "q_layernorm.weight", norm_weight(d), stage)
+                put(a + "k_layernorm.weight", norm_weight(d), stage)
+            put(a + "linear_proj.weight", [normal(H, heads * d // tp, std=(heads * d) ** -0.5) for _ in range(tp)], stage)
+            if args["num_experts"] and args["moe_layer_freq"][number]:
+                put(p + "pre_mlp_layernorm.weight", norm_weight(H), stage)
+                put(p + "mlp.router.weight", [normal(args["num_experts"], H, std=3 * H**-0.5)] * tp, stage)
+                grouped_experts(p + "mlp.experts.", stage)
+                fc1_fc2(p + "mlp.shared_experts.", stage, args["moe_shared_expert_intermediate_size"])
+                if args["moe_shared_expert_gate"]:
+                    put(p + "mlp.shared_experts.gate_weight", [normal(1, H, std=H**-0.5)] * tp, stage)
+            else:
+                put(p + "mlp.linear_fc1.layer_norm_weight", norm_weight(H), stage)
+                fc1_fc2(p + "mlp.", stage, ffn)
+            number += 1
+    return {rank: {k: float_to_bf16(v) for k, v in tensors.items()} for rank, tensors in files.items()}
