@@ -277,7 +277,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"runs at once (default {DEFAULT_CONCURRENCY})")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"default {DEFAULT_MODEL}")
     p.add_argument("--level", type=int, default=task.DEFAULT_LEVEL, choices=sorted(task.LEVELS),
-                   help=f"difficulty, 1 (easiest) to 5 (default {task.DEFAULT_LEVEL})")
+                   help=f"difficulty, 1 (easiest) to {max(task.LEVELS)} (default {task.DEFAULT_LEVEL})")
     p.add_argument("--seed", type=int, default=0, help="base instance seed; run i uses seed + i (default 0)")
     p.add_argument("--max-steps", type=int, default=task.DEFAULT_MAX_STEPS,
                    help=f"model replies per run (default {task.DEFAULT_MAX_STEPS})")

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import main
+from conversions import MISTAKES
 from scripted_api import ScriptedClient, api_error, conversion_script, reply, text, tool_use
 from tools import bwrap_usable
 
@@ -152,13 +153,13 @@ def test_runs_overlap_in_time(tmp_path):
 
 
 def test_offline_mode_end_to_end(tmp_path, capsys):
-    assert main.main(["--offline", "--level", "4", "--out", str(tmp_path)]) == 0
+    assert main.main(["--offline", "--level", "6", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "offline check OK" in out and "tp_fc1_merge" in out
+    assert "offline check OK" in out and "tp_fc1_merge" in out and "expert_tp_merge" in out
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["passes"] == 1 and summary["graded"] == summary["runs_planned"] == 13
+    assert summary["passes"] == 1 and summary["graded"] == summary["runs_planned"] == 1 + len(MISTAKES)
     assert summary["failures"]["vocab_padding"] == 1 and not summary["errors"]
-    assert len(list(tmp_path.glob("run-*/transcript.json"))) == 13
+    assert len(list(tmp_path.glob("run-*/transcript.json"))) == summary["runs_planned"]
 
 
 def test_no_key_exits_2_with_one_clear_line(tmp_path):
