@@ -149,10 +149,10 @@ def write_workspace(workspace: str | Path, inst: Instance) -> None:
 
 def build_prompt(level: int, max_steps: int) -> str:
     args = LEVELS[level].args
-    files = ("checkpoint/mp_rank_XX.npz: the original model, one file per tensor-parallel rank"
+    files = ("mp_rank_XX.npz: the original model, one file per tensor-parallel rank, saved\n  by"
              if args["pipeline_model_parallel_size"] == args["expert_model_parallel_size"] == 1 else
-             "checkpoint/mp_rank_XX_YYY_ZZZ.npz: the original model, one file per tensor-,\n  pipeline- and "
-             "expert-parallel rank")
+             "mp_rank_XX_YYY_ZZZ.npz: the original model, one file per tensor-, pipeline-\n  and "
+             "expert-parallel rank, saved by")
     routing = (f"\n- A sequence on which the original model's choice of experts for some token comes within\n"
                f"  {ROUTING_MARGIN:g} of a tie (in router logits) is redrawn with its tokens reordered, so no\n"
                "  comparison hinges on a tie." if args["num_experts"] else "")
@@ -165,9 +165,8 @@ def build_prompt(level: int, max_steps: int) -> str:
 Port a trained language model from its training code to a serving runtime.
 
 Your working directory holds:
-- {files}, saved
-  by Megatron-Core with Transformer Engine layers; bfloat16 tensors are stored as their
-  uint16 bit patterns.
+- checkpoint/{files} Megatron-Core with Transformer Engine layers; bfloat16 tensors
+  are stored as their uint16 bit patterns.
 - megatron_args.json: the arguments of the training run.
 {source}- target_model.py and config.json: the serving runtime and the configuration it will
   run with (load_checkpoint, forward, expected_shapes).
