@@ -6,10 +6,13 @@ array is loaded, then both models run on token sequences drawn fresh for this gr
 """
 import argparse
 import hashlib
+import lzma
 import os
 import stat
+import struct
 import sys
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +29,11 @@ class Grade:
     label: str  # "pass", a convention that was got wrong, or why the file was refused
     max_error: float | None = None  # worst |logit difference|, once the file was valid
     detail: str = ""
+
+
+# What zipfile, its decompressors and numpy's header parser raise on a malformed archive.
+UNREADABLE = (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError, RuntimeError,
+              NotImplementedError, zlib.error, lzma.LZMAError, struct.error)
 
 
 class Invalid(Exception):
@@ -49,8 +57,8 @@ def read_submission(path: Path, shapes: dict[str, tuple[int, ...]]) -> dict[str,
             if unpacked > MAX_SUBMISSION_BYTES:
                 raise Invalid("too_large", f"archive unpacks to {unpacked} bytes, limit {MAX_SUBMISSION_BYTES}")
             return {name: read_member(zf, members, name, shape) for name, shape in shapes.items()}
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
-        raise Invalid("unreadable", f"not a readable .npz archive: {e}")
+    except UNREADABLE as e:
+        raise Invalid("unreadable", f"not a readable .npz archive: {type(e).__name__}: {e}")
 
 
 def read_member(zf: zipfile.ZipFile, members: dict, name: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -78,8 +86,8 @@ def diagnose(weights: dict[str, np.ndarray], inst) -> tuple[str, str]:
 
     reference = convert(inst.files, inst.args, inst.config)
     differing = [k for k in reference if not same(weights[k], reference[k])]
-    if not differing:
-        return "other", "every tensor matches the reference conversion"
+    if not differing:  # right conversion, stored too coarsely (float16) to meet the tolerance
+        return "precision", "every tensor matches the reference conversion to rtol 1e-3"
     scores = {}
     for mistake, level in MISTAKES.items():
         if level <= inst.level:

@@ -1,0 +1,128 @@
+"""Reward integrity: whatever file is submitted, grading returns a Grade, the same one every time."""
+import io
+import struct
+import zipfile
+
+import numpy as np
+import pytest
+from conftest import reference
+
+from grader import grade
+from task import TOLERANCE
+
+
+def archive(weights: dict, compression: int = zipfile.ZIP_STORED) -> bytes:
+    """An .npz built member by member, so that any compression method can be used."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression) as zf:
+        for name, array in weights.items():
+            member = io.BytesIO()
+            np.save(member, array)
+            zf.writestr(name + ".npy", member.getvalue())
+    return buf.getvalue()
+
+
+def set_flag(data: bytes, flag: int) -> bytes:
+    """Set a general-purpose flag bit in every local and central header."""
+    data = bytearray(data)
+    for signature, offset in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+        at = data.find(signature)
+        while at >= 0:
+            data[at + offset:at + offset + 2] = struct.pack("<H", struct.unpack_from("<H", data, at + offset)[0] | flag)
+            at = data.find(signature, at + 4)
+    return bytes(data)
+
+
+def set_method(data: bytes, method: int) -> bytes:
+    data = bytearray(data)
+    for signature, offset in ((b"PK\x03\x04", 8), (b"PK\x01\x02", 10)):
+        at = data.find(signature)
+        while at >= 0:
+            data[at + offset:at + offset + 2] = struct.pack("<H", method)
+            at = data.find(signature, at + 4)
+    return bytes(data)
+
+
+def corrupt_first_stream(data: bytes) -> bytes:
+    """Garble the bytes just after the first local header: the start of a compressed stream."""
+    data = bytearray(data)
+    at = data.find(b"PK\x03\x04")
+    name_len, extra_len = struct.unpack_from("<HH", data, at + 26)
+    start = at + 30 + name_len + extra_len
+    data[start:start + 16] = bytes(range(200, 216))
+    return bytes(data)
+
+
+@pytest.fixture(scope="module")
+def ref() -> dict:
+    return reference(1, 0)
+
+
+@pytest.mark.parametrize("make", [
+    lambda w: set_flag(archive(w), 0x1),  # encrypted: zipfile raises RuntimeError
+    lambda w: set_method(archive(w), 99),  # unknown compression: NotImplementedError
+    lambda w: corrupt_first_stream(archive(w, zipfile.ZIP_DEFLATED)),  # zlib.error
+    lambda w: corrupt_first_stream(archive(w, zipfile.ZIP_LZMA)),  # lzma.LZMAError
+    lambda w: corrupt_first_stream(archive(w, zipfile.ZIP_BZIP2)),  # OSError from bz2
+    lambda w: archive({"model.norm.weight.npy": np.frombuffer(archive(w), np.uint8)}),  # an archive inside
+], ids=["encrypted", "unknown_method", "bad_deflate", "bad_lzma", "bad_bzip2", "nested"])
+def test_archives_zipfile_rejects_are_labelled_failures(make, ref, tmp_path):
+    path = tmp_path / "sub.npz"
+    path.write_bytes(make(ref))
+    g = grade(path, 1, 0)
+    assert not g.passed and g.label in ("unreadable", "missing_key", "bad_shape", "bad_dtype"), g
+
+
+def mutate(data: bytes, rng: np.random.Generator, ref: dict) -> bytes:
+    kind = rng.integers(5)
+    data = bytearray(data)
+    if kind == 0:  # random byte flips
+        for at in rng.integers(len(data), size=int(rng.integers(1, 20))):
+            data[at] ^= int(rng.integers(1, 256))
+    elif kind == 1:  # truncation
+        data = data[: int(rng.integers(len(data)))]
+    elif kind == 2:  # header fields: sizes, offsets, method, flags
+        at = data.find(b"PK\x01\x02" if rng.integers(2) else b"PK\x03\x04")
+        field = int(rng.integers(4, 30))
+        data[at + field] = int(rng.integers(256))
+    elif kind == 3:  # a member renamed to another expected name
+        names = list(ref)
+        a, b = rng.choice(len(names), size=2, replace=False)
+        return archive({names[b] if k == names[a] else names[a] if k == names[b] else k: v for k, v in ref.items()})
+    else:  # another method, then a flip in the compressed stream
+        method = [zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA][int(rng.integers(3))]
+        data = bytearray(archive(ref, method))
+        data[int(rng.integers(len(data)))] ^= 0xFF
+    return bytes(data)
+
+
+def test_fuzzed_submissions_never_raise_and_never_pass_wrongly(ref, tmp_path):
+    rng = np.random.default_rng(0)
+    valid = archive(ref)
+    path = tmp_path / "sub.npz"
+    outcomes = set()
+    for _ in range(300):
+        path.write_bytes(mutate(valid, rng, ref))
+        g = grade(path, 1, 0)  # must not raise
+        outcomes.add(g.label)
+        if g.passed:  # only a file whose tensors still are the reference conversion may pass
+            with np.load(path) as f:
+                assert all(np.allclose(f[k], ref[k], rtol=1e-6, atol=TOLERANCE) for k in ref)
+    assert len(outcomes) >= 3, outcomes
+
+
+def test_a_correct_conversion_stored_too_coarsely_fails_as_precision(save):
+    """float16 cannot hold embeddings divided by sqrt(48) closely enough at level 5, seed 501."""
+    g = grade(save({k: v.astype(np.float16) for k, v in reference(5, 501).items()}), 5, 501)
+    assert (g.passed, g.label) == (False, "precision") and g.max_error > TOLERANCE
+
+
+def test_the_same_file_grades_the_same_every_time(save):
+    """A float16 conversion near the tolerance: five gradings, one result."""
+    weights = {k: v.astype(np.float16) for k, v in reference(3, 500).items()}
+    path = save(weights)
+    grades = {(g.passed, g.label, g.max_error) for g in (grade(path, 3, 500) for _ in range(5))}
+    assert len(grades) == 1, grades
+    # Other bytes draw other sequences, and this file's error depends on them.
+    other = grade(save({**weights, "nonce": np.zeros(1)}, "other.npz"), 3, 500)
+    assert other.max_error != grades.pop()[2]
