@@ -16,15 +16,19 @@ import stat
 import subprocess
 import sys
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 CALL_TIMEOUT_S = 60
 OUTPUT_LIMIT = 10_000  # characters returned per call; the middle is cut beyond this
+# Output and error message are each cut to OUTPUT_LIMIT characters; a character takes at most
+# 6 bytes in the worker's JSON (a control character as \u00XX).
+RESULT_LINE_LIMIT = 2 * OUTPUT_LIMIT * 6 + 2**16
 MEMORY_BYTES = 4 * 2**30  # address space
 CPU_SECONDS = 900  # over the worker's lifetime
 MAX_PROCESSES = 64  # enforced when the harness runs as root (the worker gets its own uid)
 MAX_FILE_BYTES = 256 * 2**20
 SANDBOX_WORKSPACE = "/workspace"
+MAX_SYMLINKS = 40  # as the kernel's own limit on symlinks followed in one lookup
 
 # Runs inside the sandbox as `python -c`. Requests and results travel as JSON lines on the
 # worker's original stdin/stdout; the model's code sees /dev/null and a capture file instead.
@@ -73,7 +77,8 @@ for line in requests:
             capture.seek(size - half)
             tail = capture.read().decode(errors="replace")
             output = f"{head}\n[... {size - 2 * half} bytes of output left out ...]\n{tail}"
-    results.write(json.dumps({"output": output + cut(error), "error": bool(error)}).encode() + b"\n")
+    text = (output + cut(error)).encode(errors="replace").decode()  # lone surrogates become "?"
+    results.write(json.dumps({"output": text, "error": bool(error)}, ensure_ascii=False).encode() + b"\n")
     results.flush()
 """
 
@@ -147,7 +152,7 @@ class Sandbox:
             cmd, cwd = worker, self.workspace
         return await asyncio.create_subprocess_exec(
             *cmd, cwd=cwd, env=worker_env(), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, start_new_session=True, limit=4 * OUTPUT_LIMIT + 2**16)
+            stderr=asyncio.subprocess.PIPE, start_new_session=True, limit=RESULT_LINE_LIMIT)
 
     async def run(self, code: str) -> ToolResult:
         if self.proc is None:
@@ -157,6 +162,8 @@ class Sandbox:
             proc.stdin.write(json.dumps({"code": code}).encode() + b"\n")
             await proc.stdin.drain()
             line = await asyncio.wait_for(proc.stdout.readline(), self.timeout)
+        except ValueError:  # a line past the stream limit
+            return await self._protocol_violation()
         except TimeoutError:
             await self.close()
             return ToolResult(f"Timed out after {self.timeout:g} s: the Python process was killed and restarted. "
@@ -171,8 +178,18 @@ class Sandbox:
             return ToolResult(f"The Python process ended during this call (exit status {code}) and was restarted. "
                               "Its output is lost, and so are variables, imports and functions; "
                               f"files in the working directory remain.\n{startup}".rstrip(), is_error=True)
-        result = json.loads(line)
-        return ToolResult(result["output"] or "(no output)", result["error"])
+        try:
+            result = json.loads(line)
+            return ToolResult(str(result["output"]) or "(no output)", bool(result["error"]))
+        except (ValueError, TypeError, KeyError):
+            return await self._protocol_violation()
+
+    async def _protocol_violation(self) -> ToolResult:
+        """The result channel carried something the worker never writes: code wrote to it."""
+        await self.close()
+        return ToolResult("The Python process wrote something other than a result to the harness's channel and "
+                          "was restarted. Its output is lost, and so are variables, imports and functions; files "
+                          "in the working directory remain.", is_error=True)
 
     async def close(self) -> int | None:
         """Kill the worker and everything it started; the next call starts a fresh one."""
@@ -192,18 +209,49 @@ class SubmitError(Exception):
 
 
 def resolve_submission(workspace: Path, path: str) -> Path:
-    """The regular file inside the workspace that `path` names, or SubmitError."""
+    """The regular file inside the workspace that `path` names, or SubmitError.
+
+    Symlinks are followed as the sandbox sees them: an absolute target under /workspace (or
+    the workspace's own path) points into the workspace; any other way out is refused.
+    """
     if not isinstance(path, str) or not path or "\0" in path:
         raise SubmitError("path must be a non-empty string")
     if os.path.isabs(path):
         raise SubmitError(f"{path!r} is absolute; give a path relative to the working directory")
     root = Path(workspace).resolve()
-    target = (root / path).resolve()
-    if not target.is_relative_to(root):
-        raise SubmitError(f"{path!r} resolves outside the working directory")
-    if not target.is_file():
+    try:
+        target = follow_links(root, path)
+        is_file = target.is_file()
+    except OSError as e:
+        raise SubmitError(f"{path!r} cannot be opened: {e.strerror}")
+    if not is_file:
         raise SubmitError(f"{path!r} is not a file in the working directory")
     return target
+
+
+def follow_links(root: Path, path: str) -> Path:
+    """Resolve `path` below root one component at a time, never leaving root."""
+    parts, below, links = list(PurePosixPath(path).parts), [], 0
+    while parts:
+        part = parts.pop(0)
+        if part == "..":
+            if not below:
+                raise SubmitError(f"{path!r} resolves outside the working directory")
+            below.pop()
+        elif part != "." and not root.joinpath(*below, part).is_symlink():
+            below.append(part)
+        elif part != ".":
+            links += 1
+            if links > MAX_SYMLINKS:
+                raise SubmitError(f"{path!r} has too many levels of symbolic links")
+            target = PurePosixPath(os.readlink(root.joinpath(*below, part)))
+            if target.is_absolute():
+                base = next((b for b in (SANDBOX_WORKSPACE, str(root)) if target.is_relative_to(b)), None)
+                if base is None:
+                    raise SubmitError(f"{path!r} resolves outside the working directory")
+                below, target = [], target.relative_to(base)
+            parts = list(target.parts) + parts
+    return root.joinpath(*below)
 
 
 def copy_submission(source: Path, dest: Path, max_bytes: int) -> None:

@@ -179,3 +179,44 @@ def test_worker_start_failure_is_reported(tmp_path):
     (tmp_path / "ws").rmdir()
     (r,) = run(sb, "print(1)")
     assert r.is_error and "ended during this call" in r.output and "bwrap" in r.output
+
+
+def test_submit_follows_links_as_the_sandbox_sees_them(tmp_path):
+    ws = tmp_path / "ws"
+    (ws / "sub").mkdir(parents=True)
+    (ws / "out.npz").write_bytes(b"x")
+    (ws / "sandbox_link.npz").symlink_to("/workspace/out.npz")
+    (ws / "dir_link").symlink_to("/workspace/sub")
+    (ws / "sub" / "up.npz").symlink_to("../out.npz")
+    (ws / "loop_a").symlink_to("loop_b")
+    (ws / "loop_b").symlink_to("loop_a")
+    (ws / "escape.npz").symlink_to("/workspace/../etc/passwd")
+    (ws / "host.npz").symlink_to("/etc/passwd")
+    for good in ("sandbox_link.npz", "dir_link/up.npz", "sub/../out.npz", "./sandbox_link.npz"):
+        assert resolve_submission(ws, good) == (ws / "out.npz").resolve(), good
+    for bad, why in [("loop_a", "too many levels"), ("x" * 5000, "cannot be opened"),
+                     ("a/" * 3000 + "b", "cannot be opened|not a file"), ("escape.npz", "outside"),
+                     ("host.npz", "outside"), ("dir_link/../../x", "outside")]:
+        with pytest.raises(SubmitError, match=why):
+            resolve_submission(ws, bad)
+
+
+def test_huge_astral_and_surrogate_errors_come_back_cut(sandbox):
+    big, lone, after = run(sandbox, "raise ValueError('\\U0001F600' * 20000)",
+                           "raise ValueError('\\udc80 \\x00' * 5000)", "print('alive')")
+    assert big.is_error and "characters left out" in big.output and "\U0001F600" in big.output
+    assert lone.is_error and "ValueError" in lone.output
+    assert after.output == "alive\n"
+
+
+@pytest.mark.parametrize("garbage", [
+    "b'not json at all\\n'",
+    "b'{\"output\": 1}\\n'",
+    "b'x' * 400_000 + b'\\n'",
+    "b'\\xff\\xfe\\n'",
+])
+def test_bytes_written_to_the_result_channel_restart_the_worker(sandbox, garbage):
+    code = f"import os\nfor fd in range(3, 64):\n    try: os.write(fd, {garbage})\n    except OSError: pass\nx = 1"
+    hijack, state = run(sandbox, code, "print(globals().get('x'))")
+    assert hijack.is_error and "restarted" in hijack.output
+    assert state.output == "None\n"  # a fresh process
