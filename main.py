@@ -20,7 +20,17 @@ import anthropic
 
 import task
 from grader import grade
-from tools import SANDBOX_WORKSPACE, Sandbox, SubmitError, bwrap_usable, copy_submission, resolve_submission
+from limits import cgroups_usable, userns_filter
+from tools import (
+    MAX_PROCESSES,
+    MEMORY_BYTES,
+    SANDBOX_WORKSPACE,
+    Sandbox,
+    SubmitError,
+    bwrap_usable,
+    copy_submission,
+    resolve_submission,
+)
 
 DEFAULT_MODEL = "claude-haiku-4-5"
 DEFAULT_RUNS = 10
@@ -98,11 +108,19 @@ async def run_agent(run: Run, client, sandbox: Sandbox, opts: argparse.Namespace
                                                    "not run.", is_error=True))
             elif use.name == "submit":
                 try:
-                    return await take_submission(sandbox, use.input.get("path") if isinstance(use.input, dict) else None)
+                    submission = await take_submission(sandbox, use.input.get("path") if isinstance(use.input, dict) else None)
                 except SubmitError as e:
                     results.append(tool_result(use.id, f"Not submitted: {e}.", is_error=True))
+                else:
+                    if await sandbox.over_quota():  # the worker is stopped: this is final
+                        run.label = "disk_quota"
+                        return None
+                    return submission
             else:
                 results.append(tool_result(use.id, *await call_tool(use.name, use.input, sandbox)))
+                if sandbox.calls_over_quota >= 2:
+                    run.label = "disk_quota"
+                    return None
             if opts.verbose:
                 print(f"  run {run.run_id:03d} step {step} {use.name}: {results[-1]['content'][:200]!r}")
         run.step_log[-1]["tool_seconds"] = round(time.monotonic() - started, 3)
@@ -295,6 +313,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return opts
 
 
+def sandbox_report(isolate: bool) -> str:
+    """What bounds the workers on this host, for the run report."""
+    parts = [f"bubblewrap (workspace at {SANDBOX_WORKSPACE})" if isolate else
+             "WARNING: not isolated (bwrap missing or unusable): plain processes"]
+    if isolate:
+        parts.append("no new user namespaces (seccomp)" if userns_filter() else
+                     "WARNING: user namespaces not blocked (no seccomp filter for this architecture)")
+    parts.append(f"cgroup per worker: {MEMORY_BYTES >> 30} GiB memory, {MAX_PROCESSES} processes" if cgroups_usable() else
+                 "WARNING: no cgroup could be created: memory and process limits are per process (rlimits)")
+    return "; ".join(parts)
+
+
 def main(argv: list[str] | None = None) -> int:
     opts = parse_args(argv)
     if not opts.offline and not os.environ.get("ANTHROPIC_API_KEY"):
@@ -306,9 +336,8 @@ def main(argv: list[str] | None = None) -> int:
         print("error: bubblewrap (bwrap) is missing or cannot create namespaces here, and --require-isolation "
               "was given. Install bubblewrap (apt-get install bubblewrap).", file=sys.stderr)
         return 2
-    isolation = f"bubblewrap (workspace at {SANDBOX_WORKSPACE})" if isolate else \
-        "WARNING: not isolated (bwrap missing or unusable): plain processes with rlimits only"
-    if not isolate:
+    isolation = sandbox_report(isolate)
+    if "WARNING" in isolation:
         print(isolation, file=sys.stderr)
     if opts.offline:
         from scripted_api import ScriptedClient, offline_scripts

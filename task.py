@@ -14,7 +14,7 @@ import numpy as np
 
 from data.megatron_checkpoint import random_files
 from data.source_model import Checkpoint, bf16_to_float, file_name, forward
-from tools import CALL_TIMEOUT_S, OUTPUT_LIMIT
+from tools import CALL_TIMEOUT_S, OUTPUT_LIMIT, QUOTA_TEXT
 
 DATA = Path(__file__).parent / "data"
 TOLERANCE = 1e-4  # max |logit difference| that passes
@@ -202,8 +202,10 @@ TOOLS = [
          "cells; files persist too. Use print() to see values: stdout and stderr are returned, "
          f"with the traceback if the code raises; output beyond {OUTPUT_LIMIT} characters is "
          f"cut in the middle. A call that runs longer than {CALL_TIMEOUT_S} s is stopped and the "
-         "process restarted: variables are lost, files remain. numpy is installed; there is "
-         "no network."),
+         "process restarted: variables are lost, files remain. The working directory may hold at "
+         f"most {QUOTA_TEXT}: a call that grows it past that is stopped, and if it is still over "
+         "after your next call, or when you submit, the task ends as failed. numpy is installed; "
+         "there is no network."),
      "input_schema": {"type": "object",
                       "properties": {"code": {"type": "string", "description": "Python source to run."}},
                       "required": ["code"]}},

@@ -18,6 +18,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from limits import Cgroup, cgroups_usable, userns_filter, workspace_bytes
+
 CALL_TIMEOUT_S = 60
 OUTPUT_LIMIT = 10_000  # characters returned per call; the middle is cut beyond this
 # Output and error message are each cut to OUTPUT_LIMIT characters; a character takes at most
@@ -27,6 +29,10 @@ MEMORY_BYTES = 4 * 2**30  # address space
 CPU_SECONDS = 900  # over the worker's lifetime
 MAX_PROCESSES = 64  # enforced when the harness runs as root (the worker gets its own uid)
 MAX_FILE_BYTES = 256 * 2**20
+WORKSPACE_QUOTA_BYTES = 2**30  # disk used by a run's workspace, checked during and after each call
+MAX_WORKSPACE_ENTRIES = 20_000  # files and directories; more counts as over the quota
+QUOTA_POLL_S = 0.5
+QUOTA_TEXT = f"{WORKSPACE_QUOTA_BYTES >> 30} GiB ({MAX_WORKSPACE_ENTRIES} files)"
 SANDBOX_WORKSPACE = "/workspace"
 MAX_SYMLINKS = 40  # as the kernel's own limit on symlinks followed in one lookup
 
@@ -137,6 +143,10 @@ class Sandbox:
         self.timeout = timeout
         self.uid = 100_000 + secrets.randbelow(2**30) if isolate and os.geteuid() == 0 else -1
         self.proc: asyncio.subprocess.Process | None = None
+        self.cgroup: Cgroup | None = None
+        self.watchdog: asyncio.Task | None = None
+        self.killed_for_disk = False
+        self.calls_over_quota = 0  # consecutive calls after which the workspace was over its quota
         if self.uid >= 0:
             for path in [self.workspace, *self.workspace.rglob("*")]:
                 os.chown(path, self.uid, self.uid, follow_symlinks=False)
@@ -145,18 +155,42 @@ class Sandbox:
         rlimits = {"RLIMIT_AS": MEMORY_BYTES, "RLIMIT_CPU": CPU_SECONDS, "RLIMIT_FSIZE": MAX_FILE_BYTES,
                    "RLIMIT_CORE": 0} | ({"RLIMIT_NPROC": MAX_PROCESSES} if self.uid >= 0 else {})
         settings = {"uid": self.uid, "output_limit": OUTPUT_LIMIT, "rlimits": rlimits}
-        worker = [sys.executable, "-S", "-u", "-c", WORKER, json.dumps(settings)]
+        cmd, cwd, pass_fds = [sys.executable, "-S", "-u", "-c", WORKER, json.dumps(settings)], self.workspace, ()
         if self.isolate:
-            cmd, cwd = bwrap_prefix(self.workspace) + worker, None
-        else:
-            cmd, cwd = worker, self.workspace
-        return await asyncio.create_subprocess_exec(
-            *cmd, cwd=cwd, env=worker_env(), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, start_new_session=True, limit=RESULT_LINE_LIMIT)
+            seccomp = userns_filter()
+            if seccomp is not None:  # bwrap reads the program from a pipe
+                read_end, write_end = os.pipe()
+                os.write(write_end, seccomp)
+                os.close(write_end)
+                cmd, pass_fds = ["--seccomp", str(read_end), *cmd], (read_end,)
+            cmd, cwd = bwrap_prefix(self.workspace) + cmd, None
+        if cgroups_usable():
+            self.cgroup = Cgroup(MEMORY_BYTES, MAX_PROCESSES)
+            cmd = self.cgroup.prefix() + cmd
+        try:
+            return await asyncio.create_subprocess_exec(
+                *cmd, cwd=cwd, env=worker_env(), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE, start_new_session=True, limit=RESULT_LINE_LIMIT, pass_fds=pass_fds)
+        except BaseException:
+            self._remove_cgroup()
+            raise
+        finally:
+            for fd in pass_fds:
+                os.close(fd)
 
     async def run(self, code: str) -> ToolResult:
+        result = await self._call(code)
+        self.calls_over_quota = self.calls_over_quota + 1 if await self.over_quota() else 0
+        if self.calls_over_quota:
+            return ToolResult(f"{result.output}\n[The working directory is over its {QUOTA_TEXT} quota. Delete "
+                              "files now: if it is still over after your next call, or when you submit, the task "
+                              "ends as failed.]", is_error=True)
+        return result
+
+    async def _call(self, code: str) -> ToolResult:
         if self.proc is None:
             self.proc = await self._start()
+            self.watchdog = asyncio.create_task(self._watch_disk(self.proc))
         proc = self.proc
         try:
             proc.stdin.write(json.dumps({"code": code}).encode() + b"\n")
@@ -173,6 +207,11 @@ class Sandbox:
             line = b""
         if not line:
             code = await self.close()
+            if self.killed_for_disk:
+                self.killed_for_disk = False
+                return ToolResult(f"Stopped: the working directory grew past its {QUOTA_TEXT} quota, and the Python "
+                                  "process was killed and restarted. Variables, imports and functions are lost.",
+                                  is_error=True)
             # Anything here was written before the worker took over its stderr: a start-up failure.
             startup = (await proc.stderr.read(2000)).decode(errors="replace")
             return ToolResult(f"The Python process ended during this call (exit status {code}) and was restarted. "
@@ -183,6 +222,22 @@ class Sandbox:
             return ToolResult(str(result["output"]) or "(no output)", bool(result["error"]))
         except (ValueError, TypeError, KeyError):
             return await self._protocol_violation()
+
+    async def _watch_disk(self, proc: asyncio.subprocess.Process) -> None:
+        """Kill the worker when the workspace grows past the quota, during a call or between calls
+        (a thread or a child process can keep writing). A workspace already over it may shrink."""
+        before = await asyncio.to_thread(workspace_bytes, self.workspace, MAX_WORKSPACE_ENTRIES)
+        while proc.returncode is None:
+            await asyncio.sleep(QUOTA_POLL_S)
+            used = await asyncio.to_thread(workspace_bytes, self.workspace, MAX_WORKSPACE_ENTRIES)
+            if used > WORKSPACE_QUOTA_BYTES and used > before:
+                self.killed_for_disk = True
+                await asyncio.to_thread(self._kill, proc)
+                return
+            before = used
+
+    async def over_quota(self) -> bool:
+        return await asyncio.to_thread(workspace_bytes, self.workspace, MAX_WORKSPACE_ENTRIES) > WORKSPACE_QUOTA_BYTES
 
     async def _protocol_violation(self) -> ToolResult:
         """The result channel carried something the worker never writes: code wrote to it."""
@@ -196,12 +251,26 @@ class Sandbox:
         proc, self.proc = self.proc, None
         if proc is None:
             return None
+        self.watchdog.cancel()
+        await asyncio.to_thread(self._kill, proc)
+        code = await proc.wait()
+        await asyncio.to_thread(self._remove_cgroup)
+        return code
+
+    def _kill(self, proc: asyncio.subprocess.Process) -> None:
+        """SIGKILL the worker's process group, and every process in its cgroup (setsid escapes that)."""
         if proc.returncode is None:
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        return await proc.wait()
+        if self.cgroup is not None:
+            self.cgroup.kill()
+
+    def _remove_cgroup(self) -> None:
+        if self.cgroup is not None:
+            self.cgroup.remove()
+            self.cgroup = None
 
 
 class SubmitError(Exception):

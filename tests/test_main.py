@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import main
+import tools
 from conversions import MISTAKES
 from scripted_api import ScriptedClient, api_error, conversion_script, reply, text, tool_use
 from tools import bwrap_usable
@@ -195,3 +196,24 @@ def test_ctrl_c_cancels_the_rest_and_reports_what_finished(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert 1 <= summary["runs_finished"] < summary["runs_planned"] == 13
     assert f"interrupted: {summary['runs_finished']} of 13 runs finished" in out
+
+
+FILL = "import os\nfor i in range(100):\n    with open(f'fill{i}', 'wb') as f: f.write(os.urandom(1 << 20))\n"
+
+
+@pytest.mark.parametrize("then, steps", [
+    ([reply(tool_use("submit", {"path": "fill0"}))], 2),
+    ([reply(tool_use("python", {"code": "print('ignoring it')"}))], 2),
+])
+def test_a_workspace_left_over_its_quota_fails_the_run(then, steps, tmp_path, monkeypatch):
+    monkeypatch.setattr(tools, "WORKSPACE_QUOTA_BYTES", 32 << 20)
+    run, _ = run_script(tmp_path, [reply(tool_use("python", {"code": FILL})), *then])
+    assert (run.outcome, run.label, run.steps) == ("fail", "disk_quota", steps)
+
+
+def test_cleaning_up_after_the_quota_warning_lets_the_run_go_on(tmp_path, monkeypatch):
+    monkeypatch.setattr(tools, "WORKSPACE_QUOTA_BYTES", 32 << 20)
+    clean = "import glob, os\nfor p in glob.glob('fill*'): os.remove(p)"
+    run, _ = run_script(tmp_path, [reply(tool_use("python", {"code": FILL})),
+                                   reply(tool_use("python", {"code": clean})), *conversion_script(None)])
+    assert (run.outcome, run.label) == ("pass", "pass")
