@@ -217,3 +217,20 @@ def test_cleaning_up_after_the_quota_warning_lets_the_run_go_on(tmp_path, monkey
     run, _ = run_script(tmp_path, [reply(tool_use("python", {"code": FILL})),
                                    reply(tool_use("python", {"code": clean})), *conversion_script(None)])
     assert (run.outcome, run.label) == ("pass", "pass")
+
+
+def test_hostile_tool_inputs_and_files_end_as_a_labelled_fail_not_an_error(tmp_path):
+    """Each of these once raised out of the harness; now each is a tool error or a graded fail."""
+    hostile = [
+        "import os\nos.symlink('loop_b', 'loop_a')\nos.symlink('loop_a', 'loop_b')",
+        "raise ValueError('\\U0001F600' * 20000)",
+        "import os\nfor fd in range(3, 64):\n    try: os.write(fd, b'garbage\\n')\n    except OSError: pass",
+        "open('bad.npz', 'wb').write(b'PK\\x03\\x04' + bytes(100))",
+    ]
+    replies = [reply(tool_use("python", {"code": code})) for code in hostile]
+    replies += [reply(tool_use("submit", {"path": "loop_a"})), reply(tool_use("submit", {"path": "x" * 5000})),
+                reply(tool_use("submit", {"path": "bad.npz"}))]
+    run, client = run_script(tmp_path, replies)
+    assert (run.outcome, run.label) == ("fail", "unreadable"), run.detail
+    outputs = [results_of(r)[0]["content"] for r in client.requests[1:]]
+    assert "restarted" in outputs[2] and "Not submitted" in outputs[4] and "Not submitted" in outputs[5]
