@@ -147,7 +147,9 @@ def write_workspace(workspace: str | Path, inst: Instance) -> None:
         np.savez(ws / "reference.npz", tokens=np.stack([t for t, _ in drawn]), logits=np.stack([x for _, x in drawn]))
 
 
-def build_prompt(level: int, max_steps: int) -> str:
+def build_prompt(level: int, max_steps: int | None, graded_file: str | None = None) -> str:
+    """The prompt for our agent loop (a submit tool, max_steps replies), or, given graded_file,
+    for a harness without a submit tool (Harbor), where that file is graded when the agent stops."""
     args = LEVELS[level].args
     files = ("mp_rank_XX.npz: the original model, one file per tensor-parallel rank, saved\n  by"
              if args["pipeline_model_parallel_size"] == args["expert_model_parallel_size"] == 1 else
@@ -161,6 +163,17 @@ def build_prompt(level: int, max_steps: int) -> str:
         if LEVELS[level].source_shown else
         f"- reference.npz: `tokens` (N, {SEQ_LEN}) int64 and `logits` (N, {SEQ_LEN}, vocab_size) float64, the\n"
         "  original model's logits on those sequences; together they contain every token id.\n")
+    if graded_file is None:
+        goal = "Write a checkpoint for the runtime and submit it."
+        tools = f"""\
+Tools: `python` runs code in a persistent Python process in your working directory (numpy
+available, no network, {CALL_TIMEOUT_S} s per call). `submit` grades a file of your working directory: the first
+file submitted ends the task, there is no second attempt. You have at most {max_steps} replies."""
+    else:
+        goal = f"Write a checkpoint for the runtime to {graded_file}."
+        tools = f"""\
+Work in your working directory (python3 with numpy installed, no network). When you stop,
+{graded_file} as it is then is graded, once; there is no other submission."""
     return f"""\
 Port a trained language model from its training code to a serving runtime.
 
@@ -171,7 +184,7 @@ Your working directory holds:
 {source}- target_model.py and config.json: the serving runtime and the configuration it will
   run with (load_checkpoint, forward, expected_shapes).
 
-Write a checkpoint for the runtime and submit it.
+{goal}
 
 How the submission is graded:
 - The file must be a numpy .npz archive (np.savez or np.savez_compressed, loaded with
@@ -188,9 +201,7 @@ How the submission is graded:
   pass if the largest absolute difference, over every sequence, position and vocabulary
   entry, is at most {TOLERANCE:g}.{routing}
 
-Tools: `python` runs code in a persistent Python process in your working directory (numpy
-available, no network, {CALL_TIMEOUT_S} s per call). `submit` grades a file of your working directory: the first
-file submitted ends the task, there is no second attempt. You have at most {max_steps} replies.
+{tools}
 """
 
 
@@ -221,12 +232,21 @@ TOOLS = [
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Write a task instance and print its prompt.")
-    parser.add_argument("--workspace", required=True, help="directory to write the instance into")
+    parser = argparse.ArgumentParser(description="Write a task instance and print its prompt, or export "
+                                                 "instances as Harbor task directories.")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--workspace", help="directory to write the instance into")
+    where.add_argument("--export-harbor", metavar="DIR", help="write one Harbor task per seed of --seeds into DIR")
     parser.add_argument("--level", type=int, default=DEFAULT_LEVEL, choices=sorted(LEVELS))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", default="0-9", help="with --export-harbor: a range A-B (default 0-9)")
     parser.add_argument("--max-steps", type=int, default=DEFAULT_MAX_STEPS)
     a = parser.parse_args()
+    if a.export_harbor:
+        from harbor_export import export, parse_seeds  # it imports this module
+        for path in export(Path(a.export_harbor), a.level, parse_seeds(a.seeds, parser)):
+            print(path)
+        return
     write_workspace(a.workspace, make_instance(a.level, a.seed))
     print(build_prompt(a.level, a.max_steps))
 
