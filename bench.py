@@ -67,10 +67,11 @@ def timed_batch(tmp: Path, runs: int, steps: int, latency: float, concurrency: i
     opts = main.parse_args(["--level", "1", "--out", str(tmp), "--concurrency", str(concurrency),
                             "--max-steps", str(steps)])
     clients = [ScriptedClient(list(script), latency=latency) for _ in range(runs)]
-    done: list[main.Run] = []
+    sweep = main.Sweep(opts, runs, "bench")
     start = time.perf_counter()
-    asyncio.run(main.run_all([main.Run(i, i, 1) for i in range(runs)], clients, opts, isolated, done))
+    asyncio.run(main.run_all([main.Run(i, i, 1) for i in range(runs)], clients, opts, isolated, sweep))
     elapsed = time.perf_counter() - start
+    done = sweep.done
     assert len(done) == runs and all(r.label == "no_submission" for r in done), "a benchmark run went wrong"
     return elapsed
 

@@ -6,8 +6,8 @@
 import argparse
 import asyncio
 import json
-import math
 import os
+import shutil
 import sys
 import time
 import traceback
@@ -18,9 +18,11 @@ from pathlib import Path
 
 import anthropic
 
+import report
 import task
 from grader import grade
 from limits import cgroups_usable, userns_filter
+from report import USAGE_KEYS
 from tools import (
     MAX_PROCESSES,
     MEMORY_BYTES,
@@ -37,10 +39,12 @@ DEFAULT_RUNS = 10
 DEFAULT_CONCURRENCY = 10
 DEFAULT_MAX_TOKENS = 16_000  # per reply: room for a long script plus its explanation
 API_RETRIES = 8  # the SDK retries 429, 5xx, overloaded and timeouts with backoff
-TARGET_BAND = (0.10, 0.40)
-USAGE_KEYS = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
-# USD per million tokens (input, output); cache writes cost 1.25x input, cache reads 0.1x.
-PRICES = {"claude-haiku-4-5": (1.0, 5.0), "claude-sonnet-4-5": (3.0, 15.0), "claude-opus-4-5": (5.0, 25.0)}
+DEFAULT_MAX_COST = 5.0  # USD per invocation
+# The cost the cap expects of a run before any has finished: a long run, mostly cache reads.
+PRIOR_RUN_USAGE = {"input_tokens": 60_000, "output_tokens": 40_000, "cache_creation_input_tokens": 100_000,
+                   "cache_read_input_tokens": 1_500_000}
+RESULTS = "results.jsonl"  # one line per finished run, appended as it ends
+SWEEP_FLAGS = ("model", "levels", "runs", "seed", "max_steps", "max_tokens", "offline")  # what --resume restores
 
 
 @dataclass
@@ -156,6 +160,8 @@ async def run_one(run: Run, client, opts: argparse.Namespace, isolate: bool) -> 
     run_dir = opts.out / f"run-{run.run_id:03d}"
     sandbox = None
     try:
+        # A run resumed after an interruption starts clean: nothing of the earlier attempt is left.
+        await asyncio.to_thread(shutil.rmtree, run_dir, ignore_errors=True)
         instance = await asyncio.to_thread(task.make_instance, run.level, run.seed)
         await asyncio.to_thread(task.write_workspace, run_dir / "workspace", instance)
         sandbox = Sandbox(run_dir / "workspace", isolate=isolate)
@@ -183,134 +189,202 @@ async def run_one(run: Run, client, opts: argparse.Namespace, isolate: bool) -> 
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "transcript.json").write_text(json.dumps(asdict(run), indent=1, default=str))
-            (run_dir / "transcript.md").write_text(render_transcript(run))
+            (run_dir / "transcript.html").write_text(report.transcript_html(run))
         except (OSError, TypeError, ValueError) as e:
             print(f"run {run.run_id:03d}: could not write its transcript: {e}", file=sys.stderr)
     return run
 
 
-def render_transcript(run: Run) -> str:
-    """The conversation as Markdown, for reading: text as is, tool calls and results as code blocks."""
-    out = [f"# run {run.run_id:03d}: {run.outcome.upper()} {run.label}", "", run.detail, ""]
-    for message in run.messages:
-        content = message["content"]
-        out.append(f"## {message['role']}\n")
-        for block in [{"type": "text", "text": content}] if isinstance(content, str) else content:
-            if block["type"] == "text":
-                out.append(block["text"] + "\n")
-            elif block["type"] == "tool_use":
-                body = block["input"].get("code") if isinstance(block["input"], dict) else None
-                body = body if isinstance(body, str) else json.dumps(block["input"])
-                out.append(f"**{block['name']}**\n```\n{body}\n```\n")
-            elif block["type"] == "tool_result":
-                out.append(f"**result{' (error)' if block.get('is_error') else ''}**\n```\n{block['content']}\n```\n")
-    return "\n".join(out)
-
-
-def wilson_interval(passes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval for a binomial proportion."""
-    if n == 0:
-        return 0.0, 1.0
-    p = passes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def estimated_cost(model: str, usage: dict[str, int]) -> float | None:
-    if model not in PRICES:
-        return None
-    price_in, price_out = PRICES[model]
-    return (usage["input_tokens"] * price_in + usage["cache_creation_input_tokens"] * price_in * 1.25
-            + usage["cache_read_input_tokens"] * price_in * 0.1 + usage["output_tokens"] * price_out) / 1e6
-
-
 def run_line(run: Run) -> str:
     tokens = f"{run.usage['input_tokens'] + run.usage['cache_read_input_tokens'] + run.usage['cache_creation_input_tokens']}" \
              f"/{run.usage['output_tokens']}"
-    return (f"run {run.run_id:03d} seed {run.seed:<6} {run.outcome.upper():5} {run.label:<18} "
+    return (f"run {run.run_id:03d} L{run.level} seed {run.seed:<6} {run.outcome.upper():5} {run.label:<18} "
             f"steps {run.steps:<3} tokens in/out {tokens:<14} {run.seconds:6.1f}s")
 
 
-def summarize(runs: list[Run], opts: argparse.Namespace, isolation: str, wall: float, planned: int) -> dict:
-    graded = [r for r in runs if r.outcome != "error"]
-    passes = sum(r.outcome == "pass" for r in graded)
-    usage = sum((Counter(r.usage) for r in runs), Counter())
-    low, high = wilson_interval(passes, len(graded))
-    rate = passes / len(graded) if graded else None
-    return {
-        "model": opts.model, "level": opts.level, "seed": opts.seed, "offline": opts.offline,
-        "runs_planned": planned, "runs_finished": len(runs), "graded": len(graded), "passes": passes,
-        "pass_rate": rate, "wilson_95": [low, high],
-        "in_target_band": rate is not None and TARGET_BAND[0] <= rate <= TARGET_BAND[1],
-        "failures": dict(Counter(r.label for r in graded if r.outcome == "fail").most_common()),
-        "errors": dict(Counter(r.label for r in runs if r.outcome == "error").most_common()),
-        "tokens": {"input": usage["input_tokens"], "output": usage["output_tokens"],
-                   "cache_write": usage["cache_creation_input_tokens"], "cache_read": usage["cache_read_input_tokens"]},
-        "estimated_cost_usd": None if opts.offline else estimated_cost(opts.model, usage),
-        "wall_seconds": round(wall, 1), "isolation": isolation,
-    }
+class Sweep:
+    """One invocation's runs as they end: the spending cap, results.jsonl, progress and report.html."""
+
+    def __init__(self, opts: argparse.Namespace, planned: int, isolation: str, previous: list[Run] = ()):
+        self.opts, self.planned, self.isolation = opts, planned, isolation
+        self.done: list[Run] = list(previous)
+        self.in_flight: dict[int, Run] = {}
+        self.skipped = 0
+        self.started = time.monotonic()
+
+    def cost(self, run: Run) -> float:
+        return 0.0 if self.opts.offline else report.estimated_cost(self.opts.model, run.usage) or 0.0
+
+    def expected_run_cost(self) -> float:
+        """The mean cost of the runs finished so far, or, before any, a run of PRIOR_RUN_USAGE."""
+        costs = [self.cost(r) for r in self.done if r.steps]
+        return sum(costs) / len(costs) if costs else report.estimated_cost(self.opts.model, PRIOR_RUN_USAGE) or 0.0
+
+    def spent(self) -> float:
+        return sum(self.cost(r) for r in [*self.done, *self.in_flight.values()])
+
+    def may_start(self, run: Run) -> bool:
+        """Whether the spend so far, plus what the runs in flight and this one are expected to cost, stays under the cap."""
+        if self.opts.offline or self.opts.max_cost <= 0:
+            self.in_flight[run.run_id] = run
+            return True
+        mean = self.expected_run_cost()
+        expected = sum(max(0.0, mean - self.cost(r)) for r in self.in_flight.values()) + mean
+        if self.spent() + expected > self.opts.max_cost:
+            self.skipped += 1
+            return False
+        self.in_flight[run.run_id] = run
+        return True
+
+    def finished(self, run: Run) -> None:
+        self.in_flight.pop(run.run_id, None)
+        self.done.append(run)
+        record = {k: v for k, v in asdict(run).items() if k != "messages"}
+        with open(self.opts.out / RESULTS, "a") as f:
+            f.write(json.dumps(record, default=str) + "\n")
+        tally = " ".join(f"L{lv} {sum(r.outcome == 'pass' for r in self.done if r.level == lv)}/"
+                         f"{sum(r.level == lv for r in self.done)}" for lv in self.opts.levels)
+        print(f"{run_line(run)} | {len(self.done)}/{self.planned} done; passes {tally}; spent ${self.spent():.2f}",
+              flush=True)
+        try:
+            report.write_report(self.opts.out, self.summary(), self.done)
+        except OSError as e:
+            print(f"run {run.run_id:03d}: could not write the report: {e}", file=sys.stderr)
+
+    def summary(self) -> dict:
+        opts, runs = self.opts, self.done
+        graded = [r for r in runs if r.outcome != "error"]
+        passes = sum(r.outcome == "pass" for r in graded)
+        usage = sum((Counter(r.usage) for r in runs), Counter())
+        low, high = report.wilson_interval(passes, len(graded))
+        rate = passes / len(graded) if graded else None
+        rows = [report.level_row(lv, [r for r in runs if r.level == lv], opts.model, opts.offline) for lv in opts.levels]
+        cost = None if opts.offline else report.estimated_cost(opts.model, {k: usage[k] for k in USAGE_KEYS})
+        return {
+            "model": opts.model, "levels_swept": opts.levels, "seed": opts.seed, "offline": opts.offline,
+            "runs_planned": self.planned, "runs_finished": len(runs), "skipped": self.skipped,
+            "skipped_reason": f"the spending cap of ${opts.max_cost:.2f} (--max-cost) would have been passed"
+            if self.skipped else "",
+            "graded": len(graded), "passes": passes, "pass_rate": rate, "wilson_95": [low, high],
+            "target_band": list(report.TARGET_BAND),
+            "in_target_band": rate is not None and report.TARGET_BAND[0] <= rate <= report.TARGET_BAND[1],
+            "levels": rows, "recommendation": report.recommend(rows, opts.runs, sorted(task.LEVELS)),
+            "failures": dict(Counter(r.label for r in graded if r.outcome == "fail").most_common()),
+            "errors": dict(Counter(r.label for r in runs if r.outcome == "error").most_common()),
+            "tokens": {"input": usage["input_tokens"], "output": usage["output_tokens"],
+                       "cache_write": usage["cache_creation_input_tokens"], "cache_read": usage["cache_read_input_tokens"]},
+            "estimated_cost_usd": cost,
+            "cost_text": "none (scripted)" if opts.offline else "unknown for this model" if cost is None else f"${cost:.2f}",
+            "wall_seconds": round(time.monotonic() - self.started, 1), "isolation": self.isolation,
+        }
 
 
 def print_summary(s: dict) -> None:
     print("\n== summary ==")
     if s["runs_finished"] < s["runs_planned"]:
         print(f"interrupted: {s['runs_finished']} of {s['runs_planned']} runs finished")
-    if s["graded"]:
-        low, high = s["wilson_95"]
-        band = "" if s["offline"] else f"; {'inside' if s['in_target_band'] else 'outside'} the target band " \
-            f"{TARGET_BAND[0]:.0%}-{TARGET_BAND[1]:.0%}"
-        print(f"pass rate {s['passes']}/{s['graded']} = {s['pass_rate']:.0%} (95% Wilson {low:.0%}-{high:.0%}){band}")
-    else:
-        print("pass rate: no graded run")
-    for label, n in s["failures"].items():
-        print(f"  fail {label}: {n}")
+    if s["skipped"]:
+        print(f"skipped: {s['skipped']} runs never started: {s['skipped_reason']}")
+    report.print_table(s)
     if s["errors"]:
         print(f"errors (not in the pass rate): {sum(s['errors'].values())} "
               + ", ".join(f"{k} {v}" for k, v in s["errors"].items()))
     t = s["tokens"]
-    cost = f"~${s['estimated_cost_usd']:.2f}" if s["estimated_cost_usd"] is not None else \
-        "none (scripted)" if s["offline"] else "unknown for this model"
     print(f"tokens: input {t['input']}, output {t['output']}, cache write {t['cache_write']}, "
-          f"cache read {t['cache_read']}; estimated cost {cost}")
+          f"cache read {t['cache_read']}; estimated cost {s['cost_text']}")
     print(f"wall time {s['wall_seconds']}s; sandbox: {s['isolation']}")
 
 
-async def run_all(runs: list[Run], clients: list, opts: argparse.Namespace, isolate: bool, done: list[Run]) -> None:
+async def run_all(runs: list[Run], clients: list, opts: argparse.Namespace, isolate: bool, sweep: Sweep) -> None:
     limit = asyncio.Semaphore(opts.concurrency)
 
     async def guarded(run: Run, client) -> None:
         async with limit:
+            if not sweep.may_start(run):
+                return
             finished = await run_one(run, client, opts, isolate)
-        done.append(finished)
-        print(run_line(finished), flush=True)
+        sweep.finished(finished)
 
     await asyncio.gather(*(guarded(run, client) for run, client in zip(runs, clients, strict=True)))
 
 
+def parse_levels(text: str) -> list[int]:
+    """'4-6' or '4,6' -> [4, 5, 6] or [4, 6]."""
+    try:
+        if "-" in text:
+            first, last = (int(x) for x in text.split("-", 1))
+            levels = list(range(first, last + 1))
+        else:
+            levels = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"levels are A-B or A,B,...; got {text!r}")
+    if not levels or any(lv not in task.LEVELS for lv in levels):
+        raise argparse.ArgumentTypeError(f"levels must lie in {min(task.LEVELS)}-{max(task.LEVELS)}; got {text!r}")
+    return levels
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--runs", type=int, default=DEFAULT_RUNS, help=f"number of runs (default {DEFAULT_RUNS})")
+    p.add_argument("--runs", type=int, default=DEFAULT_RUNS, help=f"runs per level (default {DEFAULT_RUNS})")
     p.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY,
                    help=f"runs at once (default {DEFAULT_CONCURRENCY})")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"default {DEFAULT_MODEL}")
-    p.add_argument("--level", type=int, default=task.DEFAULT_LEVEL, choices=sorted(task.LEVELS),
-                   help=f"difficulty, 1 (easiest) to {max(task.LEVELS)} (default {task.DEFAULT_LEVEL})")
-    p.add_argument("--seed", type=int, default=0, help="base instance seed; run i uses seed + i (default 0)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--level", type=int, choices=sorted(task.LEVELS),
+                       help=f"difficulty, 1 (easiest) to {max(task.LEVELS)} (default {task.DEFAULT_LEVEL})")
+    which.add_argument("--levels", type=parse_levels, help="a sweep over levels, A-B or A,B,...; runs interleaved")
+    p.add_argument("--seed", type=int, default=0, help="base instance seed; run i of a level uses seed + i (default 0)")
     p.add_argument("--max-steps", type=int, default=task.DEFAULT_MAX_STEPS,
                    help=f"model replies per run (default {task.DEFAULT_MAX_STEPS})")
     p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
                    help=f"max_tokens per reply (default {DEFAULT_MAX_TOKENS})")
+    p.add_argument("--max-cost", type=float, default=DEFAULT_MAX_COST,
+                   help=f"USD: no run starts once the spend plus the expected cost of the runs in flight would pass "
+                        f"it; 0 for no cap (default {DEFAULT_MAX_COST:g})")
     p.add_argument("--out", type=Path, help="output directory (default runs/<timestamp>/)")
+    p.add_argument("--resume", type=Path, metavar="DIR",
+                   help=f"finish the sweep in DIR with its own flags, keeping the runs in its {RESULTS}")
     p.add_argument("--offline", action="store_true",
                    help="no API key: scripted replies submit the reference and every known wrong conversion")
     p.add_argument("--require-isolation", action="store_true", help="fail if bubblewrap cannot isolate the sandbox")
     p.add_argument("--verbose", action="store_true", help="print every tool call as it happens")
     opts = p.parse_args(argv)
+    if opts.resume:
+        try:
+            saved = json.loads((opts.resume / "config.json").read_text())
+        except (OSError, ValueError) as e:
+            p.error(f"--resume {opts.resume}: cannot read its config.json ({e})")
+        vars(opts).update({k: saved[k] for k in SWEEP_FLAGS}, out=opts.resume)
+    else:
+        opts.levels = opts.levels or [opts.level or task.DEFAULT_LEVEL]
     if min(opts.runs, opts.concurrency, opts.max_steps, opts.max_tokens) < 1:
         p.error("--runs, --concurrency, --max-steps and --max-tokens must be positive")
     opts.out = opts.out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
     return opts
+
+
+def plan(opts: argparse.Namespace) -> list[tuple[Run, str, list | None]]:
+    """Every (run, name, script) of the sweep, levels interleaved so that an early stop covers each.
+    Offline, a level's runs are its scripted conversions; online, --runs seeds of it."""
+    if opts.offline:
+        from scripted_api import offline_scripts
+        per_level = {lv: offline_scripts(lv) for lv in opts.levels}
+    else:
+        per_level = {lv: [("model", None)] * opts.runs for lv in opts.levels}
+    planned = []
+    for i in range(max(len(v) for v in per_level.values())):
+        for lv in opts.levels:
+            if i < len(per_level[lv]):
+                name, script = per_level[lv][i]
+                planned.append((Run(len(planned), opts.seed + i, lv), name, script))
+    return planned
+
+
+def finished_runs(out: Path) -> list[Run]:
+    """The runs recorded in out/results.jsonl (none if it does not exist)."""
+    path = out / RESULTS
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [Run(**{k: v for k, v in json.loads(line).items() if k in Run.__dataclass_fields__}) for line in lines if line]
 
 
 def sandbox_report(isolate: bool) -> str:
@@ -331,6 +405,10 @@ def main(argv: list[str] | None = None) -> int:
         print("error: ANTHROPIC_API_KEY is not set. Set it (export ANTHROPIC_API_KEY=...) "
               "or run `python main.py --offline` for the scripted run that needs no key.", file=sys.stderr)
         return 2
+    if not opts.offline and opts.max_cost > 0 and opts.model not in report.PRICES:
+        print(f"error: no price is known for {opts.model}, so --max-cost cannot be enforced. Add its price to "
+              "PRICES in report.py, or pass --max-cost 0 to run without a cap.", file=sys.stderr)
+        return 2
     isolate = bwrap_usable()
     if not isolate and opts.require_isolation:
         print("error: bubblewrap (bwrap) is missing or cannot create namespaces here, and --require-isolation "
@@ -339,42 +417,50 @@ def main(argv: list[str] | None = None) -> int:
     isolation = sandbox_report(isolate)
     if "WARNING" in isolation:
         print(isolation, file=sys.stderr)
+    planned = plan(opts)
+    previous = finished_runs(opts.out) if opts.resume else []
+    kept = {(r.level, r.seed) for r in previous}
+    todo = [(run, name, script) for run, name, script in planned if (run.level, run.seed) not in kept]
     if opts.offline:
-        from scripted_api import ScriptedClient, offline_scripts
-        scripts = offline_scripts(opts.level)
-        clients = [ScriptedClient(script) for _, script in scripts]
-        print("offline: scripted runs: " + ", ".join(f"{i:03d}={name}" for i, (name, _) in enumerate(scripts)))
+        from scripted_api import ScriptedClient
+        clients = [ScriptedClient(script) for _, _, script in todo]
+        print("offline: scripted runs: " + ", ".join(f"{run.run_id:03d}=L{run.level} {name}" for run, name, _ in todo))
     else:
-        client = anthropic.AsyncAnthropic(max_retries=API_RETRIES)
-        clients = [client] * opts.runs
-    runs = [Run(i, opts.seed + i, opts.level) for i in range(len(clients))]
+        clients = [anthropic.AsyncAnthropic(max_retries=API_RETRIES)] * len(todo)
     opts.out.mkdir(parents=True, exist_ok=True)
-    print(f"{len(runs)} runs of level {opts.level} with {'scripted replies' if opts.offline else opts.model}, "
-          f"{opts.concurrency} at a time; transcripts in {opts.out}/")
-    done: list[Run] = []
-    started = time.monotonic()
+    (opts.out / "config.json").write_text(json.dumps({k: getattr(opts, k) for k in SWEEP_FLAGS}, indent=2) + "\n")
+    cap = "none (scripted)" if opts.offline else f"${opts.max_cost:.2f} (--max-cost; 0 for none)" \
+        if opts.max_cost > 0 else "none (--max-cost 0)"
+    print(f"{len(todo)} runs of level{'s' if len(opts.levels) > 1 else ''} {', '.join(map(str, opts.levels))} with "
+          f"{'scripted replies' if opts.offline else opts.model}, {opts.concurrency} at a time"
+          f"{f', {len(previous)} kept from before' if previous else ''}; spending cap {cap}; "
+          f"transcripts and report.html in {opts.out}/")
+    sweep = Sweep(opts, len(planned), isolation, previous)
     try:
-        asyncio.run(run_all(runs, clients, opts, isolate, done))
+        asyncio.run(run_all([run for run, _, _ in todo], clients, opts, isolate, sweep))
     except KeyboardInterrupt:
         print("\ninterrupted: cancelling the runs still going", file=sys.stderr)
-    summary = summarize(done, opts, isolation, time.monotonic() - started, len(runs))
+    summary = sweep.summary()
     (opts.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    report.write_report(opts.out, summary, sweep.done)
     print_summary(summary)
-    if len(done) < len(runs):
+    if len(sweep.done) + sweep.skipped < len(planned):
         return 130  # the shell's code for Ctrl-C
     if opts.offline:
-        return offline_check(done, [name for name, _ in scripts])
+        return offline_check(sweep.done, {run.run_id: name for run, name, _ in planned})
     return 0
 
 
-def offline_check(done: list[Run], names: list[str]) -> int:
+def offline_check(done: list[Run], names: dict[int, str]) -> int:
     """The reference must pass and each wrong conversion must fail with its own label."""
-    wrong = [f"run {r.run_id:03d} ({names[r.run_id]}) got {r.label}" for r in done
+    wrong = [f"run {r.run_id:03d} (L{r.level} {names[r.run_id]}) got {r.label}" for r in done
              if r.label != ("pass" if names[r.run_id] == "reference" else names[r.run_id])]
     if wrong:
         print("offline check FAILED: " + "; ".join(wrong))
         return 1
-    print(f"offline check OK: the reference passed and all {len(names) - 1} wrong conversions failed with their own label")
+    references = sum(names[r.run_id] == "reference" for r in done)
+    print(f"offline check OK: {references} reference run(s) passed and all {len(done) - references} wrong "
+          "conversions failed with their own label")
     return 0
 
 

@@ -70,10 +70,11 @@ def check_request(request: dict) -> None:
 class ScriptedClient:
     """Replays `replies` (dicts from `reply`, or exceptions to raise) one per request."""
 
-    def __init__(self, replies: list, latency: float = 0.0):
+    def __init__(self, replies: list, latency: float = 0.0, usage: dict | None = None):
         self.messages = self  # so that client.messages.create works
         self.replies = iter(replies)
         self.latency = latency
+        self.usage = usage  # the usage every reply reports; by default, estimated from the text sizes
         self.requests: list[dict] = []
 
     async def create(self, **request) -> Message:
@@ -87,8 +88,8 @@ class ScriptedClient:
         return Message.model_validate({
             "id": f"msg_{next(_ids):06d}", "type": "message", "role": "assistant", "model": request["model"],
             "stop_sequence": None, **scripted,
-            "usage": {"input_tokens": len(json.dumps(request["messages"])) // 4,
-                      "output_tokens": len(json.dumps(scripted["content"])) // 4}})
+            "usage": self.usage or {"input_tokens": len(json.dumps(request["messages"])) // 4,
+                                    "output_tokens": len(json.dumps(scripted["content"])) // 4}})
 
 
 def conversion_script(mistake: str | None) -> list:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import main
+import report
 import tools
 from conversions import MISTAKES
 from scripted_api import ScriptedClient, api_error, conversion_script, reply, text, tool_use
@@ -38,9 +39,9 @@ def test_reference_conversion_passes_and_transcript_is_written(tmp_path):
     assert transcript["outcome"] == "pass" and len(transcript["messages"]) == 4
     assert transcript["messages"][2]["content"][0]["content"] == "wrote converted.npz\n"
     assert transcript["usage"]["input_tokens"] > 0 and len(transcript["step_log"]) == 2
-    readable = (tmp_path / "run-000" / "transcript.md").read_text()
-    assert readable.startswith("# run 000: PASS pass") and "def convert(" in readable
-    assert "**result**\n```\nwrote converted.npz\n" in readable and "**submit**" in readable
+    readable = (tmp_path / "run-000" / "transcript.html").read_text()
+    assert "<h1>run 000: PASS pass</h1>" in readable and "def convert(" in readable
+    assert "<summary>result</summary><pre>wrote converted.npz\n</pre>" in readable and "submit call" in readable
 
 
 def test_wrong_conversion_fails_with_its_label(tmp_path):
@@ -104,7 +105,7 @@ def test_unknown_tool_and_malformed_input_get_error_results(tmp_path):
 def test_api_error_after_retries_is_an_error_not_a_failure(tmp_path):
     run, _ = run_script(tmp_path, [reply(tool_use("python", {"code": "1"})), api_error(529)])
     assert (run.outcome, run.label) == ("error", "api_error")
-    summary = main.summarize([run], main.parse_args(["--out", str(tmp_path)]), "test", 1.0, 1)
+    summary = main.Sweep(main.parse_args(["--out", str(tmp_path)]), 1, "test", [run]).summary()
     assert summary["graded"] == 0 and summary["errors"] == {"api_error": 1} and summary["pass_rate"] is None
 
 
@@ -117,9 +118,9 @@ def test_context_overflow_is_the_models_failure(tmp_path):
 def test_a_harness_crash_is_recorded_and_other_runs_finish(tmp_path):
     opts = main.parse_args(["--level", "1", "--out", str(tmp_path)])
     clients = [ScriptedClient([RuntimeError("boom")]), ScriptedClient(conversion_script(None))]
-    done: list[main.Run] = []
-    asyncio.run(main.run_all([main.Run(0, 0, 1), main.Run(1, 1, 1)], clients, opts, ISOLATE, done))
-    by_id = {r.run_id: r for r in done}
+    sweep = main.Sweep(opts, 2, "test")
+    asyncio.run(main.run_all([main.Run(0, 0, 1), main.Run(1, 1, 1)], clients, opts, ISOLATE, sweep))
+    by_id = {r.run_id: r for r in sweep.done}
     assert by_id[0].label == "harness_error" and "boom" in by_id[0].detail
     assert by_id[1].outcome == "pass"
 
@@ -134,7 +135,7 @@ def test_step_budget_runs_out(tmp_path):
 @pytest.mark.parametrize("passes, n, low, high", [(3, 10, 0.1078, 0.6032), (0, 10, 0.0, 0.2775),
                                                    (10, 10, 0.7225, 1.0), (25, 100, 0.1755, 0.3430)])
 def test_wilson_interval(passes, n, low, high):
-    got = main.wilson_interval(passes, n)
+    got = report.wilson_interval(passes, n)
     assert got == pytest.approx((low, high), abs=5e-4)
 
 
@@ -144,10 +145,11 @@ def test_runs_overlap_in_time(tmp_path):
     script = [reply(tool_use("python", {"code": "1"})), reply(tool_use("python", {"code": "2"})),
               reply(text("done"), stop_reason="end_turn")]
     clients = [ScriptedClient(list(script), latency=latency) for _ in range(n)]
-    done: list[main.Run] = []
+    sweep = main.Sweep(opts, n, "test")
     start = time.monotonic()
-    asyncio.run(main.run_all([main.Run(i, i, 1) for i in range(n)], clients, opts, ISOLATE, done))
+    asyncio.run(main.run_all([main.Run(i, i, 1) for i in range(n)], clients, opts, ISOLATE, sweep))
     elapsed = time.monotonic() - start
+    done = sweep.done
     serial = n * 3 * latency
     assert len(done) == n and all(r.label == "no_submission" for r in done)
     assert elapsed < serial / 2, f"{elapsed:.2f}s for {n} runs; one after another would take {serial:.1f}s"

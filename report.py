@@ -1,0 +1,193 @@
+"""The report of a sweep: statistics per level, the console table and recommendation, and
+report.html, one self-contained page (no network, no scripts) with a readable
+transcript.html per run. main.py rewrites it after every finished run."""
+import itertools
+import json
+import math
+from collections import Counter
+from html import escape
+from pathlib import Path
+
+TARGET_BAND = (0.10, 0.40)
+HALF_WIDTH = 0.15  # the interval half-width a recommended rerun aims for
+USAGE_KEYS = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+# USD per million tokens (input, output); cache writes cost 1.25x input, cache reads 0.1x.
+PRICES = {"claude-haiku-4-5": (1.0, 5.0), "claude-sonnet-4-5": (3.0, 15.0), "claude-opus-4-5": (5.0, 25.0)}
+BAND_FILL = "#dcefdc"
+
+
+def wilson_interval(passes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval for a binomial proportion."""
+    if n == 0:
+        return 0.0, 1.0
+    p = passes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def estimated_cost(model: str, usage: dict[str, int]) -> float | None:
+    if model not in PRICES:
+        return None
+    price_in, price_out = PRICES[model]
+    return (usage["input_tokens"] * price_in + usage["cache_creation_input_tokens"] * price_in * 1.25
+            + usage["cache_read_input_tokens"] * price_in * 0.1 + usage["output_tokens"] * price_out) / 1e6
+
+
+def level_row(level: int, runs: list, model: str, offline: bool) -> dict:
+    graded = [r for r in runs if r.outcome != "error"]
+    passes = sum(r.outcome == "pass" for r in graded)
+    low, high = wilson_interval(passes, len(graded))
+    failures = dict(Counter(r.label for r in graded if r.outcome == "fail").most_common())
+    usage = sum((Counter(r.usage) for r in runs), Counter())
+    return {"level": level, "runs": len(runs), "graded": len(graded), "passes": passes,
+            "rate": passes / len(graded) if graded else None, "wilson_95": [low, high],
+            "overlaps_band": bool(graded) and low <= TARGET_BAND[1] and high >= TARGET_BAND[0],
+            "top_failures": list(failures)[:2], "failures": failures,
+            "tokens": sum(usage[k] for k in USAGE_KEYS),
+            "cost_usd": None if offline else estimated_cost(model, {k: usage[k] for k in USAGE_KEYS})}
+
+
+def recommend(rows: list[dict], runs_per_level: int, levels_available: list[int]) -> str:
+    """The level whose interval lies inside the band, or where to look next, as a command."""
+    low_band, high_band = TARGET_BAND
+    graded = [r for r in rows if r["graded"]]
+    if not graded:
+        return "no graded run yet"
+    inside = [r for r in graded if low_band <= r["wilson_95"][0] and r["wilson_95"][1] <= high_band]
+    if inside:
+        r = inside[0]
+        return f"recommended level: {r['level']} ({r['rate']:.0%}, 95% interval {r['wilson_95'][0]:.0%}-" \
+               f"{r['wilson_95'][1]:.0%}, inside the band)"
+    more = max(2 * runs_per_level, 10)
+    for r in graded:
+        if low_band <= r["rate"] <= high_band:
+            p = r["rate"]
+            need = max(more, math.ceil(1.96**2 * max(p * (1 - p), 0.09) / HALF_WIDTH**2))
+            return (f"level {r['level']} passes {p:.0%}, in the band, but its interval {r['wilson_95'][0]:.0%}-"
+                    f"{r['wilson_95'][1]:.0%} is wider; next: python main.py --level {r['level']} --runs {need}")
+    for a, b in itertools.pairwise(graded):
+        if a["rate"] > high_band and b["rate"] < low_band:
+            return (f"no level passes inside the band; it falls between level {a['level']} ({a['rate']:.0%}) and "
+                    f"level {b['level']} ({b['rate']:.0%}); next: python main.py --levels {a['level']}-{b['level']} "
+                    f"--runs {more}")
+    harder = [lv for lv in levels_available if lv > graded[-1]["level"]]
+    easier = [lv for lv in levels_available if lv < graded[0]["level"]]
+    if all(r["rate"] > high_band for r in graded):
+        return (f"every level passes above {high_band:.0%}; next: python main.py --levels {harder[0]}-{harder[-1]} "
+                f"--runs {runs_per_level}" if harder else
+                f"every level passes above {high_band:.0%}, even level {graded[-1]['level']}, the hardest there is")
+    if all(r["rate"] < low_band for r in graded):
+        return (f"every level passes below {low_band:.0%}; next: python main.py --levels {easier[0]}-{easier[-1]} "
+                f"--runs {runs_per_level}" if easier else
+                f"every level passes below {low_band:.0%}, even level {graded[0]['level']}, the easiest there is")
+    span = f"{graded[0]['level']}-{graded[-1]['level']}"
+    return f"no level passes inside the band and the rates are not ordered; next: python main.py --levels {span} " \
+           f"--runs {more}"
+
+
+def print_table(s: dict) -> None:
+    print(f"{'level':>5} {'graded':>6} {'passes':>6} {'rate':>5}  {'95% Wilson':<10} {'band':<4} "
+          f"{'top failures':<32} {'tokens':>9} {'cost':>7}")
+    for r in s["levels"]:
+        rate = "-" if r["rate"] is None else f"{r['rate']:.0%}"
+        cost = "-" if r["cost_usd"] is None else f"${r['cost_usd']:.2f}"
+        interval = f"{r['wilson_95'][0]:.0%}-{r['wilson_95'][1]:.0%}"
+        print(f"{r['level']:>5} {r['graded']:>6} {r['passes']:>6} {rate:>5}  {interval:<10} "
+              f"{'yes' if r['overlaps_band'] else 'no':<4} {', '.join(r['top_failures']):<32} {r['tokens']:>9} {cost:>7}")
+    print(s["recommendation"])
+
+
+def rate_chart(rows: list[dict], band: tuple[float, float]) -> str:
+    """Each level's pass rate with its 95% interval, over the shaded target band (SVG)."""
+    width, height, left, top = 560, 40 + 34 * len(rows), 70, 24
+    x = lambda p: left + p * (width - left - 20)
+    parts = [(f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
+             'aria-label="pass rate per level with 95% interval">'),
+             (f'<rect x="{x(band[0]):.1f}" y="{top - 10}" width="{x(band[1]) - x(band[0]):.1f}" '
+             f'height="{height - top}" fill="{BAND_FILL}"/>')]
+    for tick in (0, 0.1, 0.4, 1.0):
+        parts.append(f'<text x="{x(tick):.1f}" y="{top - 12}" font-size="11" text-anchor="middle">{tick:.0%}</text>')
+    for i, row in enumerate(rows):
+        y = top + 14 + 34 * i
+        parts.append(f'<text x="8" y="{y + 4}" font-size="13">level {row["level"]}</text>')
+        if row["rate"] is None:
+            parts.append(f'<text x="{x(0):.1f}" y="{y + 4}" font-size="12">no graded run</text>')
+            continue
+        low, high = row["wilson_95"]
+        parts.append(f'<line x1="{x(low):.1f}" x2="{x(high):.1f}" y1="{y}" y2="{y}" stroke="#333" stroke-width="2"/>')
+        parts.append(f'<circle cx="{x(row["rate"]):.1f}" cy="{y}" r="5" fill="#1f5fa8"/>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def label_bars(rows: list[dict]) -> str:
+    """Failure-label counts per level, as bars scaled to the largest count."""
+    largest = max([n for row in rows for n in row["failures"].values()] + [1])
+    out = []
+    for row in rows:
+        bars = "".join(f'<div class="bar"><span class="name">{escape(label)}</span>'
+                       f'<span class="fill" style="width:{300 * n / largest:.0f}px"></span> {n}</div>'
+                       for label, n in row["failures"].items())
+        out.append(f"<h3>level {row['level']}</h3>{bars or '<p>no failures</p>'}")
+    return "".join(out)
+
+
+def write_report(out: Path, summary: dict, runs: list) -> None:
+    rows = summary["levels"]
+    table = "".join(
+        f"<tr><td>{r['level']}</td><td>{r['graded']}</td><td>{r['passes']}</td>"
+        f"<td>{'-' if r['rate'] is None else format(r['rate'], '.0%')}</td>"
+        f"<td>{r['wilson_95'][0]:.0%}-{r['wilson_95'][1]:.0%}</td><td>{'yes' if r['overlaps_band'] else 'no'}</td>"
+        f"<td>{escape(', '.join(r['top_failures']))}</td><td>{r['tokens']}</td>"
+        f"<td>{'-' if r['cost_usd'] is None else format(r['cost_usd'], '.2f')}</td></tr>" for r in rows)
+    run_rows = "".join(
+        f'<tr><td><a href="run-{r.run_id:03d}/transcript.html">run {r.run_id:03d}</a></td><td>{r.level}</td>'
+        f"<td>{r.seed}</td><td>{r.outcome}</td><td>{escape(r.label)}</td><td>{r.steps}</td></tr>"
+        for r in sorted(runs, key=lambda r: r.run_id))
+    band = summary["target_band"]
+    embedded = json.dumps(summary).replace("</", "<\\/")  # the numbers, machine-readable, safe inside <script>
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>megatron-port sweep: {escape(summary['model'])}</title>
+<style>body{{font-family:sans-serif;max-width:980px;margin:2em auto}}td,th{{padding:2px 10px;text-align:left}}
+.bar{{margin:2px 0}}.name{{display:inline-block;width:190px}}.fill{{display:inline-block;height:12px;background:#c0504d}}
+</style></head><body>
+<h1>Sweep: {escape(summary['model'])}</h1>
+<p>{summary['runs_finished']} of {summary['runs_planned']} runs finished; {summary['skipped']} skipped
+({escape(summary['skipped_reason'] or 'none')}); spent {escape(summary['cost_text'])}; sandbox: {escape(summary['isolation'])}</p>
+<p><b>{escape(summary['recommendation'])}</b></p>
+<h2>Pass rate per level</h2>
+<table id="sweep"><tr><th>level</th><th>graded</th><th>passes</th><th>rate</th><th>95% Wilson</th>
+<th>overlaps {band[0]:.0%}-{band[1]:.0%}</th><th>top failures</th><th>tokens</th><th>cost $</th></tr>{table}</table>
+{rate_chart(rows, band)}
+<h2>Failure labels per level</h2>{label_bars(rows)}
+<h2>Runs</h2><table id="runs"><tr><th>run</th><th>level</th><th>seed</th><th>outcome</th><th>label</th>
+<th>steps</th></tr>{run_rows}</table>
+<script type="application/json" id="summary">{embedded}</script>
+</body></html>
+"""
+    (out / "report.html").write_text(page)
+
+
+def transcript_html(run) -> str:
+    """A run's conversation: the grade on top, each tool call and its output folded."""
+    out = [(f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>run {run.run_id:03d}</title>"
+           "<style>body{font-family:sans-serif;max-width:980px;margin:2em auto}pre{white-space:pre-wrap;"
+           "background:#f4f4f4;padding:6px}</style></head><body>"),
+           f"<h1>run {run.run_id:03d}: {run.outcome.upper()} {escape(run.label)}</h1>",
+           f"<p>level {run.level}, seed {run.seed}, {run.steps} steps. {escape(run.detail)}</p>"]
+    for message in run.messages:
+        content = message["content"]
+        out.append(f"<h2>{message['role']}</h2>")
+        for block in [{"type": "text", "text": content}] if isinstance(content, str) else content:
+            if block["type"] == "text":
+                out.append(f"<pre>{escape(block['text'])}</pre>")
+            elif block["type"] == "tool_use":
+                body = block["input"].get("code") if isinstance(block["input"], dict) else None
+                body = body if isinstance(body, str) else json.dumps(block["input"])
+                out.append(f"<details><summary>{escape(block['name'])} call</summary><pre>{escape(body)}</pre></details>")
+            elif block["type"] == "tool_result":
+                error = " (error)" if block.get("is_error") else ""
+                out.append(f"<details><summary>result{error}</summary><pre>{escape(str(block['content']))}</pre>"
+                           "</details>")
+    return "".join(out) + "</body></html>\n"

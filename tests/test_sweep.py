@@ -1,0 +1,168 @@
+"""Level sweeps: the table and recommendation, the spending cap, resuming, and report.html."""
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+from test_main import ISOLATE
+
+import main
+import report
+from scripted_api import ScriptedClient, conversion_script, reply, text
+
+ROOT = Path(__file__).resolve().parents[1]
+GIVE_UP = [reply(text("I give up."), stop_reason="end_turn")]
+
+
+def sweep(tmp_path, passes_per_level: dict[int, int], runs: int, *flags: str, usage=None) -> main.Sweep:
+    """Run a sweep whose level L passes passes_per_level[L] of `runs` times (the rest give up)."""
+    levels = sorted(passes_per_level)
+    opts = main.parse_args(["--levels", ",".join(map(str, levels)), "--runs", str(runs), "--out", str(tmp_path),
+                            "--concurrency", "1", *flags])
+    planned = main.plan(opts)
+    clients = [ScriptedClient(conversion_script(None) if run.seed < passes_per_level[run.level] else GIVE_UP,
+                              usage=usage) for run, _, _ in planned]
+    s = main.Sweep(opts, len(planned), "test")
+    asyncio.run(main.run_all([run for run, _, _ in planned], clients, opts, ISOLATE, s))
+    return s
+
+
+def test_a_sweep_interleaves_levels_and_recommends_where_the_band_falls(tmp_path, capsys):
+    s = sweep(tmp_path, {1: 3, 2: 2, 3: 0}, 3)
+    planned = main.plan(s.opts)
+    assert [run.level for run, _, _ in planned][:3] == [1, 2, 3]  # an early stop still covers every level
+    summary = s.summary()
+    rows = {r["level"]: r for r in summary["levels"]}
+    assert [(rows[lv]["graded"], rows[lv]["passes"]) for lv in (1, 2, 3)] == [(3, 3), (3, 2), (3, 0)]
+    assert rows[3]["top_failures"] == ["no_submission"] and rows[1]["overlaps_band"] is False
+    assert rows[2]["wilson_95"] == pytest.approx(report.wilson_interval(2, 3))
+    assert "falls between level 2 (67%) and level 3 (0%)" in summary["recommendation"]
+    assert "python main.py --levels 2-3 --runs 10" in summary["recommendation"]
+    main.print_summary(summary)
+    out = capsys.readouterr().out
+    assert "no_submission" in out and summary["recommendation"] in out
+    assert "3/3 done" not in out and "9/9 done" in out and "passes L1 3/3 L2 2/3 L3 0/3" in out
+
+
+@pytest.mark.parametrize("passes, expected", [
+    ({5: 3, 6: 0}, "level 5 passes 30%, in the band, but its interval"),  # 3 of 10
+    ({5: 10, 6: 9}, "every level passes above 40%, even level 6, the hardest there is"),
+    ({2: 0, 3: 0}, "every level passes below 10%; next: python main.py --levels 1-1"),
+])
+def test_recommendations(passes, expected):
+    rows = [report.level_row(lv, [main.Run(i, i, lv, "pass" if i < n else "fail", "x") for i in range(10)],
+                             main.DEFAULT_MODEL, False) for lv, n in passes.items()]
+    assert expected in report.recommend(rows, 10, [1, 2, 3, 4, 5, 6])
+
+
+def test_a_level_inside_the_band_is_recommended():
+    row = report.level_row(6, [main.Run(i, i, 6, "pass" if i < 25 else "fail", "x") for i in range(100)],
+                           main.DEFAULT_MODEL, False)
+    assert report.recommend([row], 100, [6]).startswith("recommended level: 6 (25%")
+
+
+def test_the_spending_cap_stops_new_runs(tmp_path, capsys):
+    # Each run makes one request of 100k input and 10k output tokens: $0.15 at claude-haiku-4-5's prices.
+    s = sweep(tmp_path, {1: 0}, 10, "--max-cost", "1", usage={"input_tokens": 100_000, "output_tokens": 10_000})
+    assert len(s.done) == 6 and s.skipped == 4  # after six runs ($0.90) a seventh would pass $1.00
+    summary = s.summary()
+    assert summary["skipped"] == 4 and "$1.00" in summary["skipped_reason"]
+    assert summary["estimated_cost_usd"] == pytest.approx(0.90)
+    main.print_summary(summary)
+    assert "skipped: 4 runs never started" in capsys.readouterr().out
+
+
+def test_an_unknown_model_with_a_cap_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-test")
+    assert main.main(["--model", "some-new-model", "--out", str(tmp_path)]) == 2
+    assert not list(tmp_path.iterdir())  # refused before anything started
+
+
+def lines_of(results: Path) -> list[dict]:
+    return [json.loads(line) for line in results.read_text().splitlines()]
+
+
+def test_a_sweep_killed_and_resumed_ends_as_an_uninterrupted_one(tmp_path):
+    cmd = [sys.executable, "-u", "main.py", "--offline", "--levels", "1-2", "--concurrency", "1"]
+    whole = subprocess.run([*cmd, "--out", str(tmp_path / "whole")], cwd=ROOT, capture_output=True, text=True, check=False)
+    assert whole.returncode == 0, whole.stdout + whole.stderr
+    proc = subprocess.Popen([*cmd, "--out", str(tmp_path / "cut")], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    seen = 0
+    for line in proc.stdout:
+        seen += line.startswith("run ")
+        if seen == 3:
+            proc.send_signal(signal.SIGINT)
+            break
+    proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    before = lines_of(tmp_path / "cut" / "results.jsonl")
+    assert 3 <= len(before) < len(lines_of(tmp_path / "whole" / "results.jsonl"))
+    resumed = subprocess.run([sys.executable, "-u", "main.py", "--resume", str(tmp_path / "cut")], cwd=ROOT,
+                             capture_output=True, text=True, check=False)
+    assert resumed.returncode == 0 and "offline check OK" in resumed.stdout, resumed.stdout + resumed.stderr
+    after = lines_of(tmp_path / "cut" / "results.jsonl")
+    assert after[: len(before)] == before  # kept, not rerun
+    pairs = [(r["level"], r["seed"]) for r in after]
+    assert len(pairs) == len(set(pairs))
+    outcome = lambda rows: sorted((r["level"], r["seed"], r["outcome"], r["label"]) for r in rows)
+    assert outcome(after) == outcome(lines_of(tmp_path / "whole" / "results.jsonl"))
+
+
+class Tables(HTMLParser):
+    """The cells of each table by id, and the embedded summary."""
+
+    def __init__(self):
+        super().__init__()
+        self.tables, self.current, self.row, self.cell, self.script, self.summary = {}, None, None, None, False, ""
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "table":
+            self.current = self.tables.setdefault(attrs.get("id"), [])
+        elif tag == "tr" and self.current is not None:
+            self.row = []
+            self.current.append(self.row)
+        elif tag in ("td", "th") and self.row is not None:
+            self.cell = ""
+        elif tag == "script" and attrs.get("id") == "summary":
+            self.script = True
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th") and self.cell is not None:
+            self.row.append(self.cell)
+            self.cell = None
+        elif tag == "table":
+            self.current = None
+        elif tag == "script":
+            self.script = False
+
+    def handle_data(self, data):
+        if self.cell is not None:
+            self.cell += data
+        if self.script:
+            self.summary += data
+
+
+def test_report_html_holds_every_run_and_level_with_the_summary_numbers(tmp_path):
+    assert main.main(["--offline", "--levels", "1-2", "--out", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    page = (tmp_path / "report.html").read_text()
+    assert "http" not in page.replace("http://www.w3.org/2000/svg", "") and "<script src" not in page
+    parsed = Tables()
+    parsed.feed(page)
+    sweep_rows = {row[0]: row for row in parsed.tables["sweep"][1:]}
+    for level in summary["levels"]:
+        row = sweep_rows[str(level["level"])]
+        assert (int(row[1]), int(row[2])) == (level["graded"], level["passes"])
+    runs = parsed.tables["runs"][1:]
+    assert len(runs) == summary["runs_finished"] == len(lines_of(tmp_path / "results.jsonl"))
+    assert {r[1] for r in runs} == {"1", "2"}
+    assert json.loads(parsed.summary) == summary
+    for row in runs:
+        transcript = tmp_path / f"run-{int(row[0].split()[1]):03d}" / "transcript.html"
+        assert f"{row[3].upper()} {row[4]}</h1>" in transcript.read_text()
