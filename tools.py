@@ -2,8 +2,9 @@
 
 The model's code is untrusted. Each run gets one worker process, isolated with bubblewrap
 (no network, read-only system, its workspace the only writable place, nothing of the
-project visible) and bounded by rlimits. Where bwrap is missing or unusable, the worker
-runs as a plain process with the same rlimits and the caller is told so.
+project visible), bounded by rlimits and by what limits.py adds (a cgroup, a seccomp filter,
+a disk quota). Where bwrap is missing or unusable, the worker runs as a plain process with
+the same limits and the caller is told so.
 """
 import asyncio
 import json
@@ -25,9 +26,9 @@ OUTPUT_LIMIT = 10_000  # characters returned per call; the middle is cut beyond 
 # Output and error message are each cut to OUTPUT_LIMIT characters; a character takes at most
 # 6 bytes in the worker's JSON (a control character as \u00XX).
 RESULT_LINE_LIMIT = 2 * OUTPUT_LIMIT * 6 + 2**16
-MEMORY_BYTES = 4 * 2**30  # address space
+MEMORY_BYTES = 4 * 2**30  # per worker with all its processes (cgroup), and per process (address space)
 CPU_SECONDS = 900  # over the worker's lifetime
-MAX_PROCESSES = 64  # enforced when the harness runs as root (the worker gets its own uid)
+MAX_PROCESSES = 64  # the worker's cgroup; also RLIMIT_NPROC when the harness runs as root (a uid per worker)
 MAX_FILE_BYTES = 256 * 2**20
 WORKSPACE_QUOTA_BYTES = 2**30  # disk used by a run's workspace, checked during and after each call
 MAX_WORKSPACE_ENTRIES = 20_000  # files and directories; more counts as over the quota
@@ -226,13 +227,14 @@ class Sandbox:
     async def _watch_disk(self, proc: asyncio.subprocess.Process) -> None:
         """Kill the worker when the workspace grows past the quota, during a call or between calls
         (a thread or a child process can keep writing). A workspace already over it may shrink."""
+        cgroup = self.cgroup  # this worker's, even if a later one has replaced it by the time it is killed
         before = await asyncio.to_thread(workspace_bytes, self.workspace, MAX_WORKSPACE_ENTRIES)
         while proc.returncode is None:
             await asyncio.sleep(QUOTA_POLL_S)
             used = await asyncio.to_thread(workspace_bytes, self.workspace, MAX_WORKSPACE_ENTRIES)
             if used > WORKSPACE_QUOTA_BYTES and used > before:
                 self.killed_for_disk = True
-                await asyncio.to_thread(self._kill, proc)
+                await asyncio.to_thread(self._kill, proc, cgroup)
                 return
             before = used
 
@@ -252,20 +254,21 @@ class Sandbox:
         if proc is None:
             return None
         self.watchdog.cancel()
-        await asyncio.to_thread(self._kill, proc)
+        await asyncio.to_thread(self._kill, proc, self.cgroup)
         code = await proc.wait()
         await asyncio.to_thread(self._remove_cgroup)
         return code
 
-    def _kill(self, proc: asyncio.subprocess.Process) -> None:
+    @staticmethod
+    def _kill(proc: asyncio.subprocess.Process, cgroup: Cgroup | None) -> None:
         """SIGKILL the worker's process group, and every process in its cgroup (setsid escapes that)."""
         if proc.returncode is None:
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        if self.cgroup is not None:
-            self.cgroup.kill()
+        if cgroup is not None:
+            cgroup.kill()
 
     def _remove_cgroup(self) -> None:
         if self.cgroup is not None:
