@@ -268,7 +268,8 @@ class Sweep:
             "graded": len(graded), "passes": passes, "pass_rate": rate, "wilson_95": [low, high],
             "target_band": list(report.TARGET_BAND),
             "in_target_band": rate is not None and report.TARGET_BAND[0] <= rate <= report.TARGET_BAND[1],
-            "levels": rows, "recommendation": report.recommend(rows, opts.runs, sorted(task.LEVELS)),
+            "levels": rows, "recommendation": "offline: the replies are scripted, so no level is recommended"
+            if opts.offline else report.recommend(rows, opts.runs, sorted(task.LEVELS)),
             "failures": dict(Counter(r.label for r in graded if r.outcome == "fail").most_common()),
             "errors": dict(Counter(r.label for r in runs if r.outcome == "error").most_common()),
             "tokens": {"input": usage["input_tokens"], "output": usage["output_tokens"],

@@ -151,10 +151,9 @@ def build_prompt(level: int, max_steps: int | None, graded_file: str | None = No
     """The prompt for our agent loop (a submit tool, max_steps replies), or, given graded_file,
     for a harness without a submit tool (Harbor), where that file is graded when the agent stops."""
     args = LEVELS[level].args
-    files = ("mp_rank_XX.npz: the original model, one file per tensor-parallel rank, saved\n  by"
-             if args["pipeline_model_parallel_size"] == args["expert_model_parallel_size"] == 1 else
-             "mp_rank_XX_YYY_ZZZ.npz: the original model, one file per tensor-, pipeline-\n  and "
-             "expert-parallel rank, saved by")
+    files, ranks = (("mp_rank_XX.npz", "tensor-parallel rank")
+                    if args["pipeline_model_parallel_size"] == args["expert_model_parallel_size"] == 1 else
+                    ("mp_rank_XX_YYY_ZZZ.npz", "tensor-, pipeline- and expert-parallel rank"))
     routing = (f"\n- A sequence on which the original model's choice of experts for some token comes within\n"
                f"  {ROUTING_MARGIN:g} of a tie (in router logits) is redrawn with its tokens reordered, so no\n"
                "  comparison hinges on a tie." if args["num_experts"] else "")
@@ -178,8 +177,9 @@ Work in your working directory (python3 with numpy installed, no network). When 
 Port a trained language model from its training code to a serving runtime.
 
 Your working directory holds:
-- checkpoint/{files} Megatron-Core with Transformer Engine layers; bfloat16 tensors
-  are stored as their uint16 bit patterns.
+- checkpoint/{files}: the original model, one file per
+  {ranks}, saved by Megatron-Core with Transformer Engine layers;
+  bfloat16 tensors are stored as their uint16 bit patterns.
 - megatron_args.json: the arguments of the training run.
 {source}- target_model.py and config.json: the serving runtime and the configuration it will
   run with (load_checkpoint, forward, expected_shapes).
