@@ -328,7 +328,10 @@ def follow_links(root: Path, path: str) -> Path:
 
 def copy_submission(source: Path, dest: Path, max_bytes: int) -> None:
     """Copy at most max_bytes + 1 bytes of a regular file, never following a symlink."""
-    fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:  # a harness that is not root cannot read a file the model made unreadable (chmod 000)
+        fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as e:
+        raise SubmitError(f"{source.name} cannot be read: {e.strerror}")
     with os.fdopen(fd, "rb") as src, open(dest, "wb") as out:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise SubmitError(f"{source.name} is not a regular file")

@@ -1,6 +1,9 @@
 """The sandbox, run for real: bubblewrap where it is usable, plain processes otherwise."""
 import asyncio
+import os
+import shutil
 import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -220,3 +223,18 @@ def test_bytes_written_to_the_result_channel_restart_the_worker(sandbox, garbage
     hijack, state = run(sandbox, code, "print(globals().get('x'))")
     assert hijack.is_error and "restarted" in hijack.output
     assert state.output == "None\n"  # a fresh process
+
+
+@pytest.mark.skipif(not (Path("/usr/bin/python3").exists() and shutil.which("setpriv")) or os.geteuid() != 0,
+                    reason="needs root, setpriv and a system python3 to act as a harness that is not root")
+def test_an_unreadable_submission_is_a_tool_error_for_a_harness_that_is_not_root(tmp_path):
+    tmp_path.chmod(0o755)
+    (tmp_path / "locked.npz").write_bytes(b"x")
+    (tmp_path / "locked.npz").chmod(0)
+    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r})\nfrom pathlib import Path\n"
+            "from tools import SubmitError, copy_submission\n"
+            f"try: copy_submission(Path({str(tmp_path / 'locked.npz')!r}), Path('/dev/null'), 10)\n"
+            "except SubmitError as e: print('refused:', e)")
+    r = subprocess.run(["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", "/usr/bin/python3",
+                        "-c", code], capture_output=True, text=True, check=False)
+    assert r.stdout.startswith("refused: locked.npz cannot be read"), r.stdout + r.stderr
