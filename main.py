@@ -209,6 +209,7 @@ class Sweep:
         self.opts, self.planned, self.isolation = opts, planned, isolation
         self.done: list[Run] = list(previous)
         self.in_flight: dict[int, Run] = {}
+        self.changed = asyncio.Condition()  # a run ended: the cap may now allow another
         self.skipped = 0
         self.started = time.monotonic()
 
@@ -223,22 +224,35 @@ class Sweep:
     def spent(self) -> float:
         return sum(self.cost(r) for r in [*self.done, *self.in_flight.values()])
 
-    def may_start(self, run: Run) -> bool:
-        """Whether the spend so far, plus what the runs in flight and this one are expected to cost, stays under the cap."""
+    def under_cap(self) -> bool:
+        """Whether the spend so far, plus what the runs in flight and one more are expected to cost, stays under the cap."""
         if self.opts.offline or self.opts.max_cost <= 0:
-            self.in_flight[run.run_id] = run
             return True
         mean = self.expected_run_cost()
         expected = sum(max(0.0, mean - self.cost(r)) for r in self.in_flight.values()) + mean
-        if self.spent() + expected > self.opts.max_cost:
-            self.skipped += 1
-            return False
-        self.in_flight[run.run_id] = run
-        return True
+        return self.spent() + expected <= self.opts.max_cost
 
-    def finished(self, run: Run) -> None:
-        self.in_flight.pop(run.run_id, None)
-        self.done.append(run)
+    async def start(self, run: Run) -> bool:
+        """Start `run` once the cap allows it, waiting for runs in flight to end (their costs then
+        replace the estimate); False, and the run is skipped, if it would pass the cap with none in flight."""
+        async with self.changed:
+            while not self.under_cap():
+                if not self.in_flight:
+                    self.skipped += 1
+                    return False
+                await self.changed.wait()
+            self.in_flight[run.run_id] = run
+            return True
+
+    async def finished(self, run: Run) -> None:
+        async with self.changed:  # moved from in flight to done at once, so that the spend is never undercounted
+            self.in_flight.pop(run.run_id, None)
+            self.done.append(run)
+            self.changed.notify_all()
+        self.record(run)
+
+    def record(self, run: Run) -> None:
+        """Write down a finished run: results.jsonl, the progress line, report.html."""
         record = {k: v for k, v in asdict(run).items() if k != "messages"}
         with open(self.opts.out / RESULTS, "a") as f:
             f.write(json.dumps(record, default=str) + "\n")
@@ -301,10 +315,10 @@ async def run_all(runs: list[Run], clients: list, opts: argparse.Namespace, isol
 
     async def guarded(run: Run, client) -> None:
         async with limit:
-            if not sweep.may_start(run):
+            if not await sweep.start(run):
                 return
             finished = await run_one(run, client, opts, isolate)
-        sweep.finished(finished)
+        await sweep.finished(finished)
 
     await asyncio.gather(*(guarded(run, client) for run, client in zip(runs, clients, strict=True)))
 

@@ -76,6 +76,13 @@ def test_the_spending_cap_stops_new_runs(tmp_path, capsys):
     assert "skipped: 4 runs never started" in capsys.readouterr().out
 
 
+def test_runs_wait_for_the_cap_instead_of_being_skipped_early(tmp_path):
+    """Ten at once: before any run ends, the estimate ($0.54 a run) lets one start; the rest wait for real costs."""
+    s = sweep(tmp_path, {1: 0}, 10, "--max-cost", "1", "--concurrency", "10",
+              usage={"input_tokens": 100_000, "output_tokens": 10_000})
+    assert len(s.done) == 6 and s.skipped == 4
+
+
 def test_an_unknown_model_with_a_cap_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-test")
     assert main.main(["--model", "some-new-model", "--out", str(tmp_path)]) == 2
