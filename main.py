@@ -39,7 +39,7 @@ DEFAULT_RUNS = 10
 DEFAULT_CONCURRENCY = 10
 DEFAULT_MAX_TOKENS = 16_000  # per reply: room for a long script plus its explanation
 API_RETRIES = 8  # the SDK retries 429, 5xx, overloaded and timeouts with backoff
-DEFAULT_MAX_COST = 5.0  # USD per invocation
+DEFAULT_MAX_COST = 5.0  # USD for the whole sweep, the runs a --resume keeps included
 # The cost the cap expects of a run before any has finished: a long run, mostly cache reads.
 PRIOR_RUN_USAGE = {"input_tokens": 60_000, "output_tokens": 40_000, "cache_creation_input_tokens": 100_000,
                    "cache_read_input_tokens": 1_500_000}
