@@ -267,24 +267,21 @@ class Sweep:
 
     def summary(self) -> dict:
         opts, runs = self.opts, self.done
-        graded = [r for r in runs if r.outcome != "error"]
-        passes = sum(r.outcome == "pass" for r in graded)
-        usage = sum((Counter(r.usage) for r in runs), Counter())
-        low, high = report.wilson_interval(passes, len(graded))
-        rate = passes / len(graded) if graded else None
+        overall = report.level_row(None, runs, opts.model, opts.offline)  # every level together
         rows = [report.level_row(lv, [r for r in runs if r.level == lv], opts.model, opts.offline) for lv in opts.levels]
-        cost = None if opts.offline else report.estimated_cost(opts.model, {k: usage[k] for k in USAGE_KEYS})
+        usage = sum((Counter(r.usage) for r in runs), Counter())
+        rate, cost = overall["rate"], overall["cost_usd"]
         return {
             "model": opts.model, "levels_swept": opts.levels, "seed": opts.seed, "offline": opts.offline,
             "runs_planned": self.planned, "runs_finished": len(runs), "skipped": self.skipped,
             "skipped_reason": f"the spending cap of ${opts.max_cost:.2f} (--max-cost) would have been passed"
             if self.skipped else "",
-            "graded": len(graded), "passes": passes, "pass_rate": rate, "wilson_95": [low, high],
+            "graded": overall["graded"], "passes": overall["passes"], "pass_rate": rate, "wilson_95": overall["wilson_95"],
             "target_band": list(report.TARGET_BAND),
             "in_target_band": rate is not None and report.TARGET_BAND[0] <= rate <= report.TARGET_BAND[1],
             "levels": rows, "recommendation": "offline: the replies are scripted, so no level is recommended"
             if opts.offline else report.recommend(rows, opts.runs, sorted(task.LEVELS)),
-            "failures": dict(Counter(r.label for r in graded if r.outcome == "fail").most_common()),
+            "failures": overall["failures"],
             "errors": dict(Counter(r.label for r in runs if r.outcome == "error").most_common()),
             "tokens": {"input": usage["input_tokens"], "output": usage["output_tokens"],
                        "cache_write": usage["cache_creation_input_tokens"], "cache_read": usage["cache_read_input_tokens"]},

@@ -34,7 +34,7 @@ def estimated_cost(model: str, usage: dict[str, int]) -> float | None:
             + usage["cache_read_input_tokens"] * price_in * 0.1 + usage["output_tokens"] * price_out) / 1e6
 
 
-def level_row(level: int, runs: list, model: str, offline: bool) -> dict:
+def level_row(level: int | None, runs: list, model: str, offline: bool) -> dict:
     graded = [r for r in runs if r.outcome != "error"]
     passes = sum(r.outcome == "pass" for r in graded)
     low, high = wilson_interval(passes, len(graded))
