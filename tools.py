@@ -35,6 +35,9 @@ MAX_WORKSPACE_ENTRIES = 20_000  # files and directories; more counts as over the
 QUOTA_POLL_S = 0.5
 QUOTA_TEXT = f"{WORKSPACE_QUOTA_BYTES >> 30} GiB ({MAX_WORKSPACE_ENTRIES} files)"
 SANDBOX_WORKSPACE = "/workspace"
+# What of the host a sandbox sees, read-only: the system and this Python (a venv has two prefixes).
+SYSTEM_PATHS = tuple(dict.fromkeys(("/usr", "/bin", "/lib", "/lib64", "/lib32", "/sbin", "/etc/ld.so.cache",
+                                    "/etc/localtime", sys.base_prefix, sys.prefix)))
 MAX_SYMLINKS = 40  # as the kernel's own limit on symlinks followed in one lookup
 
 # Runs inside the sandbox as `python -c`. Requests and results travel as JSON lines on the
@@ -112,8 +115,7 @@ def bwrap_prefix(workspace: Path) -> list[str]:
     args = ["bwrap", "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
             "--unshare-cgroup-try", "--die-with-parent", "--new-session",
             "--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--size", str(MAX_FILE_BYTES), "--tmpfs", "/tmp"]
-    for path in dict.fromkeys(("/usr", "/bin", "/lib", "/lib64", "/lib32", "/sbin", "/etc/ld.so.cache",
-                               "/etc/localtime", sys.base_prefix, sys.prefix)):  # a venv has two prefixes
+    for path in SYSTEM_PATHS:
         for parent in reversed(Path(path).parents[:-1]):  # traversable by the worker's uid
             args += ["--perms", "0755", "--dir", str(parent)]
         args += ["--ro-bind-try", path, path]

@@ -14,6 +14,7 @@ from test_tools import needs_bwrap
 from conversions import convert
 from harbor_export import GRADED_FILE, export
 from task import build_prompt, make_instance
+from tools import SYSTEM_PATHS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,7 +66,7 @@ def test_the_agent_image_holds_nothing_of_the_grader(exported):
 def container(root_binds: dict[str, Path], writable: dict[str, Path], command: list[str]) -> subprocess.CompletedProcess:
     """Run `command` in a fresh root holding the system, this Python with numpy, and the given binds."""
     args = ["bwrap", "--unshare-all", "--die-with-parent", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
-    for path in dict.fromkeys(("/usr", "/bin", "/lib", "/lib64", "/etc", sys.base_prefix, sys.prefix)):
+    for path in SYSTEM_PATHS:
         args += ["--ro-bind-try", path, path]
     for target, source in root_binds.items():
         args += ["--ro-bind", str(source), target]
