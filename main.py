@@ -44,6 +44,8 @@ DEFAULT_MAX_COST = 5.0  # USD for the whole sweep, the runs a --resume keeps inc
 PRIOR_RUN_USAGE = {"input_tokens": 60_000, "output_tokens": 40_000, "cache_creation_input_tokens": 100_000,
                    "cache_read_input_tokens": 1_500_000}
 RESULTS = "results.jsonl"  # one line per finished run, appended as it ends
+# Where the harness cannot make cgroups (a normal user on cgroup v2), this bounds the whole sweep instead.
+SYSTEMD_SCOPE = "systemd-run --user --scope -p MemoryMax=16G -p TasksMax=1024"
 SWEEP_FLAGS = ("model", "levels", "runs", "seed", "max_steps", "max_tokens", "offline")  # what --resume restores
 
 
@@ -407,7 +409,8 @@ def sandbox_report(isolate: bool) -> str:
         parts.append("no new user namespaces (seccomp)" if userns_filter() else
                      "WARNING: user namespaces not blocked (no seccomp filter for this architecture)")
     parts.append(f"cgroup per worker: {MEMORY_BYTES >> 30} GiB memory, {MAX_PROCESSES} processes" if cgroups_usable() else
-                 "WARNING: no cgroup could be created: memory and process limits are per process (rlimits)")
+                 "WARNING: no cgroup could be created: memory and process limits are per process (rlimits); to "
+                 f"bound the whole sweep, start it as {SYSTEMD_SCOPE} python main.py ...")
     return "; ".join(parts)
 
 

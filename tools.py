@@ -7,6 +7,8 @@ a disk quota). Where bwrap is missing or unusable, the worker runs as a plain pr
 the same limits and the caller is told so.
 """
 import asyncio
+import glob
+import importlib.util
 import json
 import os
 import secrets
@@ -35,7 +37,10 @@ MAX_WORKSPACE_ENTRIES = 20_000  # files and directories; more counts as over the
 QUOTA_POLL_S = 0.5
 QUOTA_TEXT = f"{WORKSPACE_QUOTA_BYTES >> 30} GiB ({MAX_WORKSPACE_ENTRIES} files)"
 SANDBOX_WORKSPACE = "/workspace"
-# What of the host a sandbox sees, read-only: the system and this Python (a venv has two prefixes).
+SANDBOX_SITE = "/sandbox-site"  # the only packages model code can import: numpy, bound here alone
+PROJECT = Path(__file__).resolve().parent
+# What of the host a sandbox sees, read-only: the system and this Python (a venv has two prefixes),
+# minus every directory of installed packages and this project (hidden_paths).
 SYSTEM_PATHS = tuple(dict.fromkeys(("/usr", "/bin", "/lib", "/lib64", "/lib32", "/sbin", "/etc/ld.so.cache",
                                     "/etc/localtime", sys.base_prefix, sys.prefix)))
 MAX_SYMLINKS = 40  # as the kernel's own limit on symlinks followed in one lookup
@@ -110,8 +115,25 @@ def bwrap_usable() -> bool:
     return probe.returncode == 0
 
 
+def hidden_paths() -> list[str]:
+    """Where the system paths would show the harness's environment: every site- and dist-packages
+    directory (its dependencies, and this project's own metadata) and the project itself."""
+    found = {*site.getsitepackages(), site.getusersitepackages(), str(PROJECT)}
+    for root in SYSTEM_PATHS:
+        for pattern in ("lib/python3*/*-packages", "local/lib/python3*/*-packages", "python3*/*-packages"):
+            found.update(glob.glob(f"{root}/{pattern}"))
+    return sorted(p for p in found if os.path.isdir(p) and any(Path(p).is_relative_to(r) for r in SYSTEM_PATHS))
+
+
+def numpy_dirs() -> list[Path]:
+    """numpy's package directory, and the directory of the libraries its wheel bundles."""
+    package = Path(importlib.util.find_spec("numpy").submodule_search_locations[0])
+    return [d for d in (package, package.with_name("numpy.libs")) if d.is_dir()]
+
+
 def bwrap_prefix(workspace: Path) -> list[str]:
-    """The bwrap command line up to the program: system read-only, the workspace writable."""
+    """The bwrap command line up to the program: system read-only without its installed packages,
+    numpy in a site directory of its own, the workspace writable."""
     args = ["bwrap", "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
             "--unshare-cgroup-try", "--die-with-parent", "--new-session",
             "--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--size", str(MAX_FILE_BYTES), "--tmpfs", "/tmp"]
@@ -119,6 +141,11 @@ def bwrap_prefix(workspace: Path) -> list[str]:
         for parent in reversed(Path(path).parents[:-1]):  # traversable by the worker's uid
             args += ["--perms", "0755", "--dir", str(parent)]
         args += ["--ro-bind-try", path, path]
+    for path in hidden_paths():  # an empty read-only directory in its place
+        args += ["--tmpfs", path, "--remount-ro", path]
+    args += ["--perms", "0755", "--dir", SANDBOX_SITE]
+    for directory in numpy_dirs():
+        args += ["--ro-bind", str(directory), f"{SANDBOX_SITE}/{directory.name}"]
     if os.geteuid() == 0:  # the worker switches to a uid of its own, so RLIMIT_NPROC applies
         args += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
     else:
@@ -126,12 +153,13 @@ def bwrap_prefix(workspace: Path) -> list[str]:
     return args + ["--bind", str(workspace), SANDBOX_WORKSPACE, "--chdir", SANDBOX_WORKSPACE]
 
 
-def worker_env() -> dict[str, str]:
+def worker_env(isolate: bool) -> dict[str, str]:
     """Only what Python needs: nothing of the harness's environment, no API key."""
+    # The worker skips `site` (-S), so PYTHONPATH alone says where numpy is.
+    packages = SANDBOX_SITE if isolate else os.pathsep.join(site.getsitepackages())
     env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8",
            "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
-           # The worker skips `site` (-S): where .pth files import packages it doubles start-up time.
-           "PYTHONPATH": os.pathsep.join(site.getsitepackages())}
+           "PYTHONPATH": packages}
     # Set on some processors so that older OpenBLAS builds compute correctly.
     env |= {k: v for k, v in os.environ.items() if k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")}
     return env
@@ -172,7 +200,7 @@ class Sandbox:
             cmd = self.cgroup.prefix() + cmd
         try:
             return await asyncio.create_subprocess_exec(
-                *cmd, cwd=cwd, env=worker_env(), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                *cmd, cwd=cwd, env=worker_env(self.isolate), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE, start_new_session=True, limit=RESULT_LINE_LIMIT, pass_fds=pass_fds)
         except BaseException:
             self._remove_cgroup()

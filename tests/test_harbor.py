@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_no_answer_key import ANSWER_KEY
 from test_tools import needs_bwrap
 
 from conversions import convert
@@ -50,12 +51,12 @@ def test_instruction_is_the_prompt_for_a_harness_without_submit(exported):
 
 
 def test_the_agent_image_holds_nothing_of_the_grader(exported):
-    secrets = ["def convert(", "def diagnose(", "def random_files(", "def moe(h", "MISTAKES"]
+    secrets = [*ANSWER_KEY, "def convert(", "def random_files(", "def moe(h"]
     for directory in exported:
         env = directory / "environment"
         names = {p.name for p in env.rglob("*")}
         assert not names & {"grader.py", "conversions.py", "source_model.py", "megatron_checkpoint.py", "task.py"}
-        for path in (p for p in env.rglob("*") if p.is_file()):
+        for path in (p for p in env.rglob("*") if p.is_file()):  # every file of the image's build context
             data = path.read_bytes()
             assert not any(s.encode() in data for s in secrets), path
         dockerfile = (env / "Dockerfile").read_text()

@@ -229,9 +229,12 @@ def test_bytes_written_to_the_result_channel_restart_the_worker(sandbox, garbage
                     reason="needs root, setpriv and a system python3 to act as a harness that is not root")
 def test_an_unreadable_submission_is_a_tool_error_for_a_harness_that_is_not_root(tmp_path):
     tmp_path.chmod(0o755)
+    project = tmp_path / "project"  # the checkout may sit where that user cannot read (a 0700 clone)
+    shutil.copytree(ROOT, project, ignore=lambda d, names: [n for n in names if not n.endswith(".py") and
+                                                             not Path(d, n).is_dir() or n in ("runs", ".git")])
     (tmp_path / "locked.npz").write_bytes(b"x")
     (tmp_path / "locked.npz").chmod(0)
-    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r})\nfrom pathlib import Path\n"
+    code = (f"import sys; sys.path.insert(0, {str(project)!r})\nfrom pathlib import Path\n"
             "from tools import SubmitError, copy_submission\n"
             f"try: copy_submission(Path({str(tmp_path / 'locked.npz')!r}), Path('/dev/null'), 10)\n"
             "except SubmitError as e: print('refused:', e)")
