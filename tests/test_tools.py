@@ -4,6 +4,7 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -227,17 +228,18 @@ def test_bytes_written_to_the_result_channel_restart_the_worker(sandbox, garbage
 
 @pytest.mark.skipif(not (Path("/usr/bin/python3").exists() and shutil.which("setpriv")) or os.geteuid() != 0,
                     reason="needs root, setpriv and a system python3 to act as a harness that is not root")
-def test_an_unreadable_submission_is_a_tool_error_for_a_harness_that_is_not_root(tmp_path):
-    tmp_path.chmod(0o755)
-    project = tmp_path / "project"  # the checkout may sit where that user cannot read (a 0700 clone)
-    shutil.copytree(ROOT, project, ignore=lambda d, names: [n for n in names if not n.endswith(".py") and
-                                                             not Path(d, n).is_dir() or n in ("runs", ".git")])
-    (tmp_path / "locked.npz").write_bytes(b"x")
-    (tmp_path / "locked.npz").chmod(0)
-    code = (f"import sys; sys.path.insert(0, {str(project)!r})\nfrom pathlib import Path\n"
-            "from tools import SubmitError, copy_submission\n"
-            f"try: copy_submission(Path({str(tmp_path / 'locked.npz')!r}), Path('/dev/null'), 10)\n"
-            "except SubmitError as e: print('refused:', e)")
-    r = subprocess.run(["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", "/usr/bin/python3",
-                        "-c", code], capture_output=True, text=True, check=False)
+def test_an_unreadable_submission_is_a_tool_error_for_a_harness_that_is_not_root():
+    # A directory that user can reach: pytest's tmp_path, and the checkout (a 0700 clone), may be private.
+    with tempfile.TemporaryDirectory(dir="/tmp") as shared:
+        shared = Path(shared)
+        shared.chmod(0o755)
+        for name in ("tools.py", "limits.py"):
+            shutil.copy(ROOT / name, shared / name)
+        (shared / "locked.npz").write_bytes(b"x")
+        (shared / "locked.npz").chmod(0)
+        code = ("from pathlib import Path\nfrom tools import SubmitError, copy_submission\n"
+                "try: copy_submission(Path('locked.npz'), Path('/dev/null'), 10)\n"
+                "except SubmitError as e: print('refused:', e)")
+        r = subprocess.run(["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", "/usr/bin/python3",
+                            "-c", code], cwd=shared, capture_output=True, text=True, check=False)
     assert r.stdout.startswith("refused: locked.npz cannot be read"), r.stdout + r.stderr
