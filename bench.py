@@ -13,11 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
+import conversions
 import main
 from conversions import convert
 from grader import grade
 from scripted_api import ScriptedClient, reply, text, tool_use
-from task import make_instance
+from task import CALL_TIMEOUT_S, make_instance, write_workspace
 from tools import Sandbox, bwrap_usable
 
 
@@ -96,13 +97,41 @@ def bench_harness(tmp: Path, isolated: bool) -> None:
 
 def bench_grading(tmp: Path) -> None:
     print("== grading ==")
-    for level in (1, 5, 6):
+    for level in (1, 5, 7, 8):
         inst = make_instance(level, 0)
         for mistake in (None, "rope_permutation" if level > 1 else "qkv_split"):
             path = tmp / f"sub-{level}-{mistake}.npz"
-            np.savez(path, **convert(inst.files, inst.args, inst.config, mistake))
+            np.savez(path, **convert(inst.files, inst.args, inst.config, mistake, inst.optimizer))
             seconds = median_seconds(lambda p=path, lv=level: grade(p, lv, 0), 5)
             print(f"level {level}, {mistake or 'reference'} submission: {seconds * 1e3:8.1f} ms")
+
+
+def bench_solution_in_sandbox(tmp: Path, isolated: bool) -> None:
+    """A reference-style level-8 solution, timed inside the sandbox against its 60 s call limit."""
+    print("== a level-8 solution in the sandbox ==")
+    ws = tmp / "solution"
+    write_workspace(ws, make_instance(8, 0))
+    convert = Path(conversions.__file__).read_text() + "\nconvert_workspace('converted.npz')"
+    forward = ("import json, time, numpy as np, target_model as t\nstart = time.perf_counter()\n"
+               "m = t.load_checkpoint('converted.npz')\nref = np.load('reference.npz')\n"
+               "err = max(np.abs(t.forward(m, x) - y).max() for x, y in zip(ref['tokens'], ref['logits']))\n"
+               "print(f'{time.perf_counter() - start:.3f} {len(ref[\"tokens\"])} {err:.2g}')")
+
+    async def go() -> list[tuple[float, str]]:
+        box = Sandbox(ws, isolate=isolated)
+        out = []
+        try:
+            for code in (convert, forward):
+                start = time.perf_counter()
+                result = await box.run(code)
+                out.append((time.perf_counter() - start, result.output))
+        finally:
+            await box.close()
+        return out
+    (convert_s, _), (_, forward_out) = asyncio.run(go())
+    seconds, rows, err = forward_out.split()
+    print(f"reference conversion from the optimizer state: {convert_s:6.2f} s (call limit {CALL_TIMEOUT_S} s)")
+    print(f"runtime forward over all {rows} rows of reference.npz: {float(seconds):6.2f} s, max error {err}")
 
 
 if __name__ == "__main__":
@@ -113,3 +142,4 @@ if __name__ == "__main__":
         bench_sandbox(tmp / "ws", isolated)
         bench_harness(tmp, isolated)
         bench_grading(tmp)
+        bench_solution_in_sandbox(tmp, isolated)

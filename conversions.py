@@ -12,8 +12,10 @@ import numpy as np
 MISTAKES = {"bf16_decode": 1, "qkv_split": 1, "gate_up_order": 1, "rope_permutation": 2,
             "kv_sharing": 2, "partial_rotary": 3, "qk_norm": 3, "qkv_bias": 3,
             "norm_offset": 3, "embed_scale": 3, "tp_fc1_merge": 4, "vocab_padding": 4,
-            "vpp_layer_order": 6, "expert_id": 6, "grouped_gemm_layout": 6, "expert_tp_merge": 6,
-            "router_scaling": 6, "shared_expert_scaling": 6, "zero_centered_norm": 6, "untied_output": 6}
+            "vpp_layer_order": 6, "zero_centered_norm": 6, "untied_output": 6, "expert_id": 7,
+            "grouped_gemm_layout": 7, "expert_tp_merge": 7, "router_scaling": 7, "shared_expert_scaling": 7,
+            "main_params": 8, "buffer_order": 8, "param_alignment": 8, "registration_order": 8,
+            "optimizer_chain": 8}
 
 Files = dict[tuple[int, int, int], dict[str, np.ndarray]]  # (tensor, pipeline, expert) rank -> tensors
 
@@ -38,12 +40,62 @@ def layer_files(files: Files, args: dict, mistake: str | None) -> tuple[list[lis
     return layers, prefix(0), prefix(vpp - 1)
 
 
-def convert(files: Files, args: dict, config: dict, mistake: str | None = None) -> dict[str, np.ndarray]:
-    """Megatron rank files (uint16 bf16 bits) -> runtime weights (float64)."""
+def buffer_layout(names: list[str], sizes: list[int], mistake: str | None = None) -> tuple[dict[str, int], int]:
+    """Where a grad buffer of the distributed optimizer holds each parameter: ({name: start},
+    numel_unpadded). `names` in registration order (named_parameters); the buffer takes them in
+    reverse, each start aligned to 64 elements (DistributedOptimizer._compute_per_buffer_param_layout)."""
+    order = list(zip(names, sizes))
+    if mistake == "registration_order":  # forward order: linear_proj after linear_qkv and the q/k norms
+        moved, held = [], None
+        for name, size in order:
+            if held and not name.startswith(held[0].removesuffix("linear_proj.weight")):
+                moved, held = [*moved, held], None
+            if name.endswith("linear_proj.weight"):
+                held = (name, size)
+            else:
+                moved.append((name, size))
+        order = moved + [held] * (held is not None)
+    starts, end = {}, 0
+    for name, size in (order if mistake == "buffer_order" else order[::-1]):
+        starts[name] = end if mistake == "param_alignment" else -(-end // 64) * 64
+        end = starts[name] + size
+    return starts, end
+
+
+def main_params(files: Files, optimizer: Files, args: dict, mistake: str | None) -> Files:
+    """Each rank's fp32 main parameters, read from the distrib_optim states through the buffer layout."""
+    out = {}
+    vpp = args["virtual_pipeline_model_parallel_size"]
+    for (t, p, e), tensors in files.items():
+        out[t, p, e] = {}
+        for index, expert in enumerate((False, True)):
+            # Only expert rank 0's file holds the dense optimizer; each expert rank's holds its experts.
+            state = optimizer[t, p, 0 if not expert or mistake == "optimizer_chain" else e]
+            buffer = 0
+            for c in range(vpp or 1):
+                names = [k for k in tensors if k.startswith(f"model{c}." if vpp else "")
+                         and (".experts.weight" in k) == expert]
+                if not names:
+                    continue  # a chunk without such parameters has no buffer
+                starts, _ = buffer_layout(names, [tensors[k].size for k in names], mistake)
+                flat = state[f"{index}/{buffer}/bfloat16,float32/param"]
+                for k in names:
+                    out[t, p, e][k] = flat[starts[k]:starts[k] + tensors[k].size].reshape(tensors[k].shape)
+                buffer += 1
+    return out
+
+
+def convert(files: Files, args: dict, config: dict, mistake: str | None = None,
+            optimizer: Files | None = None) -> dict[str, np.ndarray]:
+    """Megatron rank files (uint16 bf16 bits; with the distributed optimizer, also its saved
+    states) -> runtime weights (float64)."""
     if mistake is not None and mistake not in MISTAKES:
         raise ValueError(f"unknown mistake {mistake!r}")
     if mistake == "bf16_decode":
         files = {r: {k: v.astype(np.float64) for k, v in f.items()} for r, f in files.items()}
+    elif optimizer and mistake != "main_params":
+        files = {r: {k: v.astype(np.float64) for k, v in f.items()}
+                 for r, f in main_params(files, optimizer, args, mistake).items()}
     else:
         files = {r: {k: (v.astype(np.uint32) << 16).view(np.float32).astype(np.float64) for k, v in f.items()}
                  for r, f in files.items()}
@@ -163,11 +215,12 @@ def moe(shards: list[list[dict]], args: dict, t: str, mistake: str | None) -> di
     return out
 
 
-def read_files(ws: Path, args: dict) -> Files:
-    """checkpoint/mp_rank_TT[_PPP][_EEE].npz -> {(tensor, pipeline, expert) rank: tensors}."""
+def read_files(ws: Path, args: dict, name: str = "model_optim_rng.npz") -> Files:
+    """checkpoint/iter_NNNNNNN/mp_rank_TT[_PPP][_EEE]/<name> -> {(tensor, pipeline, expert) rank: tensors}."""
+    iteration = int((ws / "checkpoint" / "latest_checkpointed_iteration.txt").read_text())
     files = {}
-    for path in sorted(ws.glob("checkpoint/mp_rank_*.npz")):
-        numbers = [int(n) for n in path.stem.split("_")[2:]]
+    for path in sorted((ws / "checkpoint" / f"iter_{iteration:07d}").glob(f"mp_rank_*/{name}")):
+        numbers = [int(n) for n in path.parent.name.split("_")[2:]]
         pp = numbers.pop(1) if args["pipeline_model_parallel_size"] > 1 else 0
         ep = numbers.pop(1) if args["expert_model_parallel_size"] > 1 else 0
         with np.load(path) as f:
@@ -180,4 +233,5 @@ def convert_workspace(out_path: str, mistake: str | None = None, workspace: str 
     ws = Path(workspace)
     args = json.loads((ws / "megatron_args.json").read_text())
     config = json.loads((ws / "config.json").read_text())
-    np.savez(out_path, **convert(read_files(ws, args), args, config, mistake))
+    optimizer = read_files(ws, args, "distrib_optim.npz") if args["use_distributed_optimizer"] else None
+    np.savez(out_path, **convert(read_files(ws, args), args, config, mistake, optimizer))

@@ -84,14 +84,14 @@ def diagnose(weights: dict[str, np.ndarray], inst) -> tuple[str, str]:
     def same(a: np.ndarray, b: np.ndarray) -> bool:
         return a.shape == b.shape and np.allclose(a, b, rtol=1e-3, atol=1e-6)
 
-    reference = convert(inst.files, inst.args, inst.config)
+    reference = convert(inst.files, inst.args, inst.config, optimizer=inst.optimizer)
     differing = [k for k in reference if not same(weights[k], reference[k])]
     if not differing:  # right conversion, stored too coarsely (float16) to meet the tolerance
         return "precision", "every tensor matches the reference conversion to rtol 1e-3"
     scores = {}
     for mistake, level in MISTAKES.items():
         if level <= inst.level:
-            wrong = convert(inst.files, inst.args, inst.config, mistake)
+            wrong = convert(inst.files, inst.args, inst.config, mistake, inst.optimizer)
             explained = sum(same(weights[k], wrong[k]) for k in differing)
             # A mistake that would also have changed tensors the submission got right fits worse.
             overreach = sum(not same(wrong[k], reference[k]) for k in reference if k not in differing)

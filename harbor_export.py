@@ -1,6 +1,6 @@
 """Export task instances as Harbor task directories, and grade one inside Harbor's verifier.
 
-    python task.py --export-harbor DIR --level 6 --seeds 0-9
+    python harbor_export.py DIR --level 7 --seeds 0-9
 
 One directory per (level, seed), from the same generator, prompt and grader as main.py:
 - environment/: the agent's image, holding only the instance's workspace and numpy.
@@ -25,17 +25,18 @@ from grader import grade
 ROOT = Path(__file__).resolve().parent
 GRADED_FILE = "/app/converted.npz"
 # What the grader needs in the verifier image: the grader, the instance generator and both models.
-GRADER_FILES = ["grader.py", "task.py", "tools.py", "limits.py", "conversions.py", "harbor_export.py",
-                "data/__init__.py", "data/source_model.py", "data/target_model.py", "data/megatron_checkpoint.py"]
+GRADER_FILES = ["grader.py", "task.py", "conversions.py", "harbor_export.py", "data/__init__.py",
+                "data/source_model.py", "data/target_model.py", "data/megatron_checkpoint.py"]
 BASE_IMAGE = "python:3.11-slim-bookworm"  # the Python line the project is tested on
 AGENT_TIMEOUT_S = 3600  # our own loop allows 40 replies with up to 60 s of tool time each
 VERIFIER_TIMEOUT_S = 300  # grading takes under a second; Python and numpy start in a few
 
 
-def parse_seeds(text: str, parser: argparse.ArgumentParser) -> range:
+def seed_range(text: str) -> range:
+    """argparse type: 'A-B' or 'A', with 0 <= A <= B."""
     first, _, last = text.partition("-")
     if not (first.isdigit() and (last or first).isdigit()) or int(last or first) < int(first):
-        parser.error(f"--seeds must be A-B with 0 <= A <= B, got {text!r}")
+        raise argparse.ArgumentTypeError(f"must be A-B with 0 <= A <= B, got {text!r}")
     return range(int(first), int(last or first) + 1)
 
 
@@ -97,8 +98,8 @@ def export_one(out: Path, level: int, seed: int) -> Path:
     (tests / "Dockerfile").write_text(dockerfile("WORKDIR /tests\nCOPY . /tests/"))
     (tests / "test.sh").write_text(
         "#!/bin/bash\n# Grades the collected artifact with the project's grader; writes reward.txt and reward.json.\n"
-        f"python3 /tests/grader/harbor_export.py verify {GRADED_FILE} --level {level} --seed {seed} "
-        "--out /logs/verifier\n")
+        f"python3 /tests/grader/harbor_export.py /logs/verifier --verify {GRADED_FILE} --level {level} "
+        f"--seeds {seed}\n")
     (directory / "solution").mkdir()
     shutil.copy(ROOT / "conversions.py", directory / "solution" / "conversions.py")
     (directory / "solution" / "solve.sh").write_text(
@@ -115,7 +116,7 @@ def export(out: Path, level: int, seeds: range) -> list[Path]:
     written = [export_one(out, level, seed) for seed in seeds]
     listing = "\n".join(f"- `{d.name}`: `megatron-port/{d.name}`" for d in written)
     (out / "README.md").write_text(
-        f"# megatron-port, level {level}\n\nHarbor tasks exported by `python task.py --export-harbor`, one per "
+        f"# megatron-port, level {level}\n\nHarbor tasks exported by `python harbor_export.py`, one per "
         f"seed. The agent writes `{GRADED_FILE}`; a separate verifier grades it on logits (reward 1 or 0).\n\n"
         f"{listing}\n")
     return written
@@ -142,14 +143,20 @@ def verify(submission: Path, level: int, seed: int, out: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Grade a Harbor artifact (run by tests/test.sh).")
-    parser.add_argument("command", choices=["verify"])
-    parser.add_argument("submission", type=Path)
-    parser.add_argument("--level", type=int, required=True, choices=sorted(task.LEVELS))
-    parser.add_argument("--seed", type=int, required=True)
-    parser.add_argument("--out", type=Path, required=True)
+    parser = argparse.ArgumentParser(description="Write one Harbor task directory per seed into DIR; with --verify, "
+                                                 "grade an artifact as the exported verifier does, into DIR.")
+    parser.add_argument("dir", type=Path, metavar="DIR")
+    parser.add_argument("--level", type=int, default=task.DEFAULT_LEVEL, choices=sorted(task.LEVELS))
+    parser.add_argument("--seeds", type=seed_range, default=range(10), help="A-B or A (default 0-9)")
+    parser.add_argument("--verify", type=Path, metavar="SUBMISSION", help="the artifact to grade (one seed)")
     a = parser.parse_args()
-    verify(a.submission, a.level, a.seed, a.out)
+    if a.verify is None:
+        for path in export(a.dir, a.level, a.seeds):
+            print(path)
+    elif len(a.seeds) != 1:
+        parser.error("--verify grades one instance: give one seed")
+    else:
+        verify(a.verify, a.level, a.seeds[0], a.dir)
 
 
 if __name__ == "__main__":

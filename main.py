@@ -46,7 +46,7 @@ PRIOR_RUN_USAGE = {"input_tokens": 60_000, "output_tokens": 40_000, "cache_creat
 RESULTS = "results.jsonl"  # one line per finished run, appended as it ends
 # Where the harness cannot make cgroups (a normal user on cgroup v2), this bounds the whole sweep instead.
 SYSTEMD_SCOPE = "systemd-run --user --scope -p MemoryMax=16G -p TasksMax=1024"
-SWEEP_FLAGS = ("model", "levels", "runs", "seed", "max_steps", "max_tokens", "offline")  # what --resume restores
+SWEEP_FLAGS = ("model", "levels", "runs", "seed", "max_steps", "max_tokens", "thinking", "offline")  # what --resume restores
 
 
 @dataclass
@@ -92,8 +92,10 @@ async def run_agent(run: Run, client, sandbox: Sandbox, opts: argparse.Namespace
     run.messages.append({"role": "user", "content": task.build_prompt(run.level, opts.max_steps)})
     for step in range(1, opts.max_steps + 1):
         started = time.monotonic()
-        response = await client.messages.create(
-            model=opts.model, max_tokens=opts.max_tokens, tools=task.TOOLS, messages=with_cache_breakpoint(run.messages))
+        # Extended thinking, when asked for: its blocks go back unchanged in the conversation (as_param).
+        thinking = {"thinking": {"type": "enabled", "budget_tokens": opts.thinking}} if opts.thinking else {}
+        response = await client.messages.create(model=opts.model, max_tokens=opts.max_tokens, tools=task.TOOLS,
+                                                messages=with_cache_breakpoint(run.messages), **thinking)
         run.steps = step
         usage = {k: getattr(response.usage, k) or 0 for k in USAGE_KEYS}
         run.usage = {k: run.usage[k] + usage[k] for k in USAGE_KEYS}
@@ -109,7 +111,7 @@ async def run_agent(run: Run, client, sandbox: Sandbox, opts: argparse.Namespace
         started = time.monotonic()
         results = []
         for use in uses:
-            if cut_off and use is uses[-1]:
+            if cut_off and use is response.content[-1]:  # the block being written when the limit hit
                 results.append(tool_result(use.id, "This tool call was cut off by the max_tokens limit and was "
                                                    "not run.", is_error=True))
             elif use.name == "submit":
@@ -275,6 +277,7 @@ class Sweep:
         rate, cost = overall["rate"], overall["cost_usd"]
         return {
             "model": opts.model, "levels_swept": opts.levels, "seed": opts.seed, "offline": opts.offline,
+            "thinking_budget": opts.thinking,
             "runs_planned": self.planned, "runs_finished": len(runs), "skipped": self.skipped,
             "skipped_reason": f"the spending cap of ${opts.max_cost:.2f} (--max-cost) would have been passed"
             if self.skipped else "",
@@ -306,7 +309,8 @@ def print_summary(s: dict) -> None:
     t = s["tokens"]
     print(f"tokens: input {t['input']}, output {t['output']}, cache write {t['cache_write']}, "
           f"cache read {t['cache_read']}; estimated cost {s['cost_text']}")
-    print(f"wall time {s['wall_seconds']}s; sandbox: {s['isolation']}")
+    thinking = f"{s['thinking_budget']} tokens" if s["thinking_budget"] else "off"
+    print(f"wall time {s['wall_seconds']}s; extended thinking {thinking}; sandbox: {s['isolation']}")
 
 
 async def run_all(runs: list[Run], clients: list, opts: argparse.Namespace, isolate: bool, sweep: Sweep) -> None:
@@ -352,6 +356,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"model replies per run (default {task.DEFAULT_MAX_STEPS})")
     p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
                    help=f"max_tokens per reply (default {DEFAULT_MAX_TOKENS})")
+    p.add_argument("--thinking", type=int, default=0, metavar="TOKENS",
+                   help="extended thinking with this budget per reply, at least 1024 and below --max-tokens "
+                        "(default 0: off)")
     p.add_argument("--max-cost", type=float, default=DEFAULT_MAX_COST,
                    help=f"USD: no run starts once the spend plus the expected cost of the runs in flight would pass "
                         f"it; 0 for no cap (default {DEFAULT_MAX_COST:g})")
@@ -373,6 +380,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         opts.levels = opts.levels or [opts.level or task.DEFAULT_LEVEL]
     if min(opts.runs, opts.concurrency, opts.max_steps, opts.max_tokens) < 1:
         p.error("--runs, --concurrency, --max-steps and --max-tokens must be positive")
+    if opts.thinking and not 1024 <= opts.thinking < opts.max_tokens:  # what the Messages API accepts
+        p.error(f"--thinking must be at least 1024 and below --max-tokens ({opts.max_tokens}), or 0 for off")
     opts.out = opts.out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
     return opts
 

@@ -153,6 +153,7 @@ def write_report(out: Path, summary: dict, runs: list) -> None:
 .bar{{margin:2px 0}}.name{{display:inline-block;width:190px}}.fill{{display:inline-block;height:12px;background:#c0504d}}
 </style></head><body>
 <h1>Sweep: {escape(summary['model'])}</h1>
+<p>extended thinking: {f"{summary['thinking_budget']} tokens per reply" if summary['thinking_budget'] else 'off'}</p>
 <p>{summary['runs_finished']} of {summary['runs_planned']} runs finished; {summary['skipped']} skipped
 ({escape(summary['skipped_reason'] or 'none')}); spent {escape(summary['cost_text'])}; sandbox: {escape(summary['isolation'])}</p>
 <p><b>{escape(summary['recommendation'])}</b></p>
@@ -182,6 +183,8 @@ def transcript_html(run) -> str:
         for block in [{"type": "text", "text": content}] if isinstance(content, str) else content:
             if block["type"] == "text":
                 out.append(f"<pre>{escape(block['text'])}</pre>")
+            elif block["type"] == "thinking":
+                out.append(f"<details><summary>thinking</summary><pre>{escape(block['thinking'])}</pre></details>")
             elif block["type"] == "tool_use":
                 body = block["input"].get("code") if isinstance(block["input"], dict) else None
                 body = body if isinstance(body, str) else json.dumps(block["input"])

@@ -28,6 +28,11 @@ def text(s: str) -> dict:
     return {"type": "text", "text": s}
 
 
+def thinking(s: str) -> dict:
+    """A thinking block, signed as the API signs it: it must come back unchanged."""
+    return {"type": "thinking", "thinking": s, "signature": f"sig_{next(_ids):06d}"}
+
+
 def tool_use(name: str, tool_input: dict) -> dict:
     return {"type": "tool_use", "id": f"toolu_{next(_ids):06d}", "name": name, "input": tool_input}
 
@@ -40,10 +45,19 @@ def api_error(status: int = 529, message: str = "Overloaded") -> anthropic.APISt
     return cls(message, response=response, body=None)
 
 
-def check_request(request: dict) -> None:
-    """Raise as the API would (400) for requests it refuses."""
+def check_request(request: dict, signed: dict[str, str]) -> None:
+    """Raise as the API would (400) for requests it refuses; `signed` maps each thinking block's
+    signature, as sent, to its text."""
     problems = []
     messages = request["messages"]
+    if "thinking" in request:
+        budget = request["thinking"].get("budget_tokens", 0)
+        if request["thinking"].get("type") != "enabled" or not 1024 <= budget < request["max_tokens"]:
+            problems.append("thinking: budget_tokens must be >= 1024 and less than max_tokens")
+    for message in messages:
+        for block in message["content"] if isinstance(message["content"], list) else []:
+            if block.get("type") == "thinking" and signed.get(block.get("signature")) != block.get("thinking"):
+                problems.append("a thinking block was changed or its signature is invalid")
     if not messages or messages[0]["role"] != "user":
         problems.append("the first message must come from the user")
     breakpoints = json.dumps(request).count('"cache_control"')
@@ -76,15 +90,17 @@ class ScriptedClient:
         self.latency = latency
         self.usage = usage  # the usage every reply reports; by default, estimated from the text sizes
         self.requests: list[dict] = []
+        self.signed: dict[str, str] = {}  # the thinking blocks sent, by signature
 
     async def create(self, **request) -> Message:
-        check_request(request)
+        check_request(request, self.signed)
         self.requests.append(request)  # main.py builds each request anew and never mutates a sent message
         if self.latency:
             await asyncio.sleep(self.latency)
         scripted = next(self.replies, reply(text("(the script has ended)"), stop_reason="end_turn"))
         if isinstance(scripted, Exception):
             raise scripted
+        self.signed |= {b["signature"]: b["thinking"] for b in scripted["content"] if b["type"] == "thinking"}
         return Message.model_validate({
             "id": f"msg_{next(_ids):06d}", "type": "message", "role": "assistant", "model": request["model"],
             "stop_sequence": None, **scripted,

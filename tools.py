@@ -22,20 +22,23 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from limits import Cgroup, cgroups_usable, userns_filter, workspace_bytes
+from task import (
+    CALL_TIMEOUT_S,
+    CPU_SECONDS,
+    MAX_PROCESSES,
+    MAX_WORKSPACE_ENTRIES,
+    MEMORY_BYTES,
+    OUTPUT_LIMIT,
+    QUOTA_TEXT,
+    WORKSPACE_QUOTA_BYTES,
+)
 
-CALL_TIMEOUT_S = 60
-OUTPUT_LIMIT = 10_000  # characters returned per call; the middle is cut beyond this
-# Output and error message are each cut to OUTPUT_LIMIT characters; a character takes at most
-# 6 bytes in the worker's JSON (a control character as \u00XX).
-RESULT_LINE_LIMIT = 2 * OUTPUT_LIMIT * 6 + 2**16
-MEMORY_BYTES = 4 * 2**30  # per worker with all its processes (cgroup), and per process (address space)
-CPU_SECONDS = 900  # over the worker's lifetime
-MAX_PROCESSES = 64  # the worker's cgroup; also RLIMIT_NPROC when the harness runs as root (a uid per worker)
+# The limits the task states to the model (task.py) are enforced here.
 MAX_FILE_BYTES = 256 * 2**20
-WORKSPACE_QUOTA_BYTES = 2**30  # disk used by a run's workspace, checked during and after each call
-MAX_WORKSPACE_ENTRIES = 20_000  # files and directories; more counts as over the quota
+# Output and error message are each cut to OUTPUT_LIMIT; a character takes at most 6 bytes in the
+# worker's JSON (a control character as \u00XX).
+RESULT_LINE_LIMIT = 2 * OUTPUT_LIMIT * 6 + 2**16
 QUOTA_POLL_S = 0.5
-QUOTA_TEXT = f"{WORKSPACE_QUOTA_BYTES >> 30} GiB ({MAX_WORKSPACE_ENTRIES} files)"
 SANDBOX_WORKSPACE = "/workspace"
 SANDBOX_SITE = "/sandbox-site"  # the only packages model code can import: numpy, bound here alone
 PROJECT = Path(__file__).resolve().parent

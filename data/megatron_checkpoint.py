@@ -1,11 +1,18 @@
-"""Random weights for the original model, laid out in the files Megatron-Core's ranks save.
+"""Random weights for the original model, laid out in the files Megatron-Core's ranks save,
+and the distributed optimizer's saved parameter state.
 
 Never part of a workspace. A tensor replicated across ranks is drawn once and stored in
-every file that holds it; a sharded one is drawn shard by shard.
+every file that holds it; a sharded one is drawn shard by shard. Each rank's tensors are in
+the order its modules register them, which is the order of named_parameters() and of the
+saved state dict.
 """
 import numpy as np
 
+from conversions import buffer_layout
 from data.source_model import chunks, ranks
+
+Files = dict[tuple[int, int, int], dict[str, np.ndarray]]  # (tensor, pipeline, expert) rank -> tensors
+ADAM = ("exp_avg", "exp_avg_sq")
 
 
 def float_to_bf16(x: np.ndarray) -> np.ndarray:
@@ -14,8 +21,8 @@ def float_to_bf16(x: np.ndarray) -> np.ndarray:
     return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
 
 
-def random_files(args: dict, rng: np.random.Generator) -> dict[tuple[int, int, int], dict[str, np.ndarray]]:
-    """(tensor, pipeline, expert) rank -> that rank's tensors, as bfloat16 bit patterns."""
+def random_files(args: dict, rng: np.random.Generator) -> Files:
+    """(tensor, pipeline, expert) rank -> that rank's tensors (float64), in registration order."""
     tp, ep = args["tensor_model_parallel_size"], args["expert_model_parallel_size"]
     H, d, ffn = args["hidden_size"], args["kv_channels"], args["ffn_hidden_size"]
     heads, groups = args["num_attention_heads"], args["num_query_groups"]
@@ -50,15 +57,15 @@ def random_files(args: dict, rng: np.random.Generator) -> dict[tuple[int, int, i
     (first, fp), (last, lp) = order[0], order[-1]
     vocab_rows = args["padded_vocab_size"] // tp
     put(fp + "embedding.word_embeddings.weight", [normal(vocab_rows, H, std=1.0) for _ in range(tp)], first)
-    if args["untie_embeddings_and_output_weights"]:
-        put(lp + "output_layer.weight", [normal(vocab_rows, H, std=1.0) for _ in range(tp)], last)
-    put(lp + "decoder.final_layernorm.weight", norm_weight(H), last)
     qkv_rows = (heads + 2 * groups) * d // tp
     number = 0
     for stage, prefix in order:
         for i in range(args["num_layers"] // len(order)):
             p = f"{prefix}decoder.layers.{i}."
             a = p + "self_attention."
+            # Attention registers linear_proj before SelfAttention adds linear_qkv (transformer/attention.py);
+            # TE's LayerNormLinear registers layer_norm_weight before weight and bias.
+            put(a + "linear_proj.weight", [normal(H, heads * d // tp, std=(heads * d) ** -0.5) for _ in range(tp)], stage)
             put(a + "linear_qkv.layer_norm_weight", norm_weight(H), stage)
             put(a + "linear_qkv.weight", [normal(qkv_rows, H, std=H**-0.5) for _ in range(tp)], stage)
             if args["add_qkv_bias"]:
@@ -66,7 +73,6 @@ def random_files(args: dict, rng: np.random.Generator) -> dict[tuple[int, int, i
             if args["qk_layernorm"]:
                 put(a + "q_layernorm.weight", norm_weight(d), stage)
                 put(a + "k_layernorm.weight", norm_weight(d), stage)
-            put(a + "linear_proj.weight", [normal(H, heads * d // tp, std=(heads * d) ** -0.5) for _ in range(tp)], stage)
             if args["num_experts"] and args["moe_layer_freq"][number]:
                 put(p + "pre_mlp_layernorm.weight", norm_weight(H), stage)
                 put(p + "mlp.router.weight", [normal(args["num_experts"], H, std=3 * H**-0.5)] * tp, stage)
@@ -78,4 +84,49 @@ def random_files(args: dict, rng: np.random.Generator) -> dict[tuple[int, int, i
                 put(p + "mlp.linear_fc1.layer_norm_weight", norm_weight(H), stage)
                 fc1_fc2(p + "mlp.", stage, ffn)
             number += 1
+    put(lp + "decoder.final_layernorm.weight", norm_weight(H), last)
+    if args["untie_embeddings_and_output_weights"]:
+        put(lp + "output_layer.weight", [normal(vocab_rows, H, std=1.0) for _ in range(tp)], last)
+    return files
+
+
+def to_bf16(files: Files) -> Files:
     return {rank: {k: float_to_bf16(v) for k, v in tensors.items()} for rank, tensors in files.items()}
+
+
+def buffers(tensors: dict[str, np.ndarray], args: dict, expert: bool) -> list[tuple[dict[str, int], int]]:
+    """One rank's dense (or expert) grad buffers: one per model chunk that has such parameters."""
+    out = []
+    for c in range(args["virtual_pipeline_model_parallel_size"] or 1):
+        prefix = f"model{c}." if args["virtual_pipeline_model_parallel_size"] else ""
+        names = [k for k in tensors if k.startswith(prefix) and (".experts.weight" in k) == expert]
+        if names:
+            out.append(buffer_layout(names, [tensors[k].size for k in names]))
+    return out
+
+
+def optimizer_files(args: dict, main: Files, rng: np.random.Generator) -> Files:
+    """Each rank's distrib_optim state: ChainedOptimizer.save_parameter_state saves a list, the
+    dense then the expert optimizer's get_parameter_state_dp_zero, None where that optimizer's
+    data-parallel rank is not 0. The dense data-parallel group spans the expert ranks (rank
+    order tp-cp-ep-dp-pp, parallel_state.py), so only expert rank 0 holds the dense state.
+    Flattened to npz keys 'optimizer/buffer/dtypes/name'; a None entry has no keys."""
+    out = {}
+    for (t, p, e), tensors in main.items():
+        flat = {}
+        for index, expert in enumerate((False, True)):
+            if not expert and e > 0:
+                continue
+            flat[f"{index}/buckets_coalesced"] = np.array(True)
+            for g, (starts, numel) in enumerate(buffers(tensors, args, expert)):
+                key = f"{index}/{g}/bfloat16,float32/"
+                param, used = np.zeros(numel, np.float32), np.zeros(numel, bool)  # the gaps hold zeros
+                for name, start in starts.items():
+                    param[start:start + tensors[name].size] = tensors[name].ravel()
+                    used[start:start + tensors[name].size] = True
+                flat[key + "param"] = param
+                flat[key + "exp_avg"] = np.where(used, rng.normal(0, 1e-4, numel), 0).astype(np.float32)
+                flat[key + "exp_avg_sq"] = np.where(used, rng.gamma(1.0, 1e-8, numel), 0).astype(np.float32)
+                flat[key + "numel_unpadded"] = np.array(numel)
+        out[t, p, e] = flat
+    return out

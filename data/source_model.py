@@ -30,22 +30,25 @@ def ranks(args: dict) -> list[tuple[int, int, int]]:
                                   range(args["expert_model_parallel_size"])))
 
 
-def file_name(args: dict, tp: int, pp: int, ep: int) -> str:
-    """The rank's file: pipeline and expert ranks are named only when in use (get_checkpoint_name)."""
-    name = f"mp_rank_{tp:02d}"
+def rank_file(args: dict, tp: int, pp: int, ep: int, iteration: int, name: str = "model_optim_rng.npz") -> str:
+    """A rank's file below the save directory: pipeline and expert ranks are named only when in use
+    (get_checkpoint_name in megatron/training/checkpointing.py)."""
+    rank = f"mp_rank_{tp:02d}"
     if args["pipeline_model_parallel_size"] > 1:
-        name += f"_{pp:03d}"
+        rank += f"_{pp:03d}"
     if args["expert_model_parallel_size"] > 1:
-        name += f"_{ep:03d}"
-    return name + ".npz"
+        rank += f"_{ep:03d}"
+    return f"iter_{iteration:07d}/{rank}/{name}"
 
 
 def load_checkpoint(directory: str | Path) -> Checkpoint:
     directory = Path(directory)
     args = json.loads((directory / "megatron_args.json").read_text())
+    saved = directory / "checkpoint"
+    iteration = int((saved / "latest_checkpointed_iteration.txt").read_text())
     files = {}
     for rank in ranks(args):
-        with np.load(directory / "checkpoint" / file_name(args, *rank)) as f:
+        with np.load(saved / rank_file(args, *rank, iteration)) as f:
             files[rank] = {k: bf16_to_float(f[k]) for k in f.files}
     return Checkpoint(args, files)
 

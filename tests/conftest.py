@@ -17,4 +17,4 @@ def save(tmp_path):
 
 def reference(level: int, seed: int) -> dict[str, np.ndarray]:
     inst = make_instance(level, seed)
-    return convert(inst.files, inst.args, inst.config)
+    return convert(inst.files, inst.args, inst.config, optimizer=inst.optimizer)

@@ -28,7 +28,7 @@ def test_reference_conversion_passes(level, seed, save):
 @pytest.mark.parametrize("level, mistake", [(lv, m) for lv in LEVELS for m in MISTAKES if MISTAKES[m] <= lv])
 def test_each_wrong_conversion_fails_with_its_label(level, mistake, save):
     inst = make_instance(level, 3)
-    g = grade(save(convert(inst.files, inst.args, inst.config, mistake)), level, 3)
+    g = grade(save(convert(inst.files, inst.args, inst.config, mistake, inst.optimizer)), level, 3)
     assert not g.passed
     assert g.label == mistake, g.detail
     assert g.max_error > 100 * TOLERANCE

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> list[Path]:
-    return export(tmp_path_factory.mktemp("harbor"), 6, range(3, 5))
+    return export(tmp_path_factory.mktemp("harbor"), 8, range(3, 5))
 
 
 def test_task_toml_has_what_harbor_requires(exported):
@@ -30,8 +30,8 @@ def test_task_toml_has_what_harbor_requires(exported):
         seed = int(directory.name.rsplit("-", 1)[1])
         config = tomllib.loads((directory / "task.toml").read_text())
         assert config["schema_version"] == "1.4"
-        assert config["task"]["name"] == f"megatron-port/level-6-seed-{seed}"
-        assert config["metadata"] == {"level": 6, "seed": seed, "difficulty": "level 6 of 6"}
+        assert config["task"]["name"] == f"megatron-port/level-8-seed-{seed}"
+        assert config["metadata"] == {"level": 8, "seed": seed, "difficulty": "level 8 of 9"}
         assert config["verifier"]["environment_mode"] == "separate" and config["verifier"]["timeout_sec"] > 0
         assert config["agent"]["timeout_sec"] > 0 and config["agent"]["user"] == "agent"
         assert config["environment"]["network_mode"] == "no-network"
@@ -40,12 +40,12 @@ def test_task_toml_has_what_harbor_requires(exported):
                      "solution/solve.sh"):
             assert (directory / name).is_file(), name
         assert os.access(directory / "tests" / "test.sh", os.X_OK)
-    assert (exported[0].parent / "README.md").read_text().count("megatron-port/level-6-seed-") == 2
+    assert (exported[0].parent / "README.md").read_text().count("megatron-port/level-8-seed-") == 2
 
 
 def test_instruction_is_the_prompt_for_a_harness_without_submit(exported):
     text = (exported[0] / "instruction.md").read_text()
-    assert text == build_prompt(6, None, GRADED_FILE)
+    assert text == build_prompt(8, None, GRADED_FILE)
     assert GRADED_FILE in text and "`submit`" not in text and "replies" not in text
     assert "at most 0.0001" in text  # what is graded is stated as in main.py's prompt
 
@@ -105,9 +105,9 @@ def test_oracle_scores_one(exported, tmp_path):
 
 @needs_bwrap
 def test_a_wrong_conversion_scores_zero_with_its_label(exported, tmp_path):
-    inst = make_instance(6, 4)
+    inst = make_instance(8, 4)
     wrong = tmp_path / "wrong.npz"
-    np.savez(wrong, **convert(inst.files, inst.args, inst.config, "expert_id"))
+    np.savez(wrong, **convert(inst.files, inst.args, inst.config, "expert_id", inst.optimizer))
     solve = ["cp", "/solution/wrong.npz", GRADED_FILE]
     task_dir = tmp_path / "task"
     shutil.copytree(exported[1], task_dir)
@@ -128,3 +128,18 @@ def test_no_artifact_scores_zero(exported, tmp_path):
 def test_harbor_lint_passes(exported):
     r = subprocess.run(["harbor", "lint", *map(str, exported)], capture_output=True, text=True, check=False)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_the_verifier_image_holds_no_sandbox_code(exported):
+    grader = {p.name for p in (exported[0] / "tests" / "grader").rglob("*.py")}
+    assert "grader.py" in grader and not grader & {"tools.py", "limits.py", "main.py", "scripted_api.py"}
+
+
+def test_the_export_command_line(tmp_path):
+    r = subprocess.run([sys.executable, "harbor_export.py", str(tmp_path), "--level", "6", "--seeds", "2-3"],
+                       cwd=ROOT, capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "level-6-seed-2", "level-6-seed-3"]
+    bad = subprocess.run([sys.executable, "harbor_export.py", str(tmp_path), "--seeds", "3-1"],
+                         cwd=ROOT, capture_output=True, text=True, check=False)
+    assert bad.returncode == 2 and "A-B with 0 <= A <= B" in bad.stderr

@@ -8,13 +8,14 @@ import sys
 import time
 from pathlib import Path
 
+import anthropic
 import pytest
 
 import main
 import report
 import tools
 from conversions import MISTAKES
-from scripted_api import ScriptedClient, api_error, conversion_script, reply, text, tool_use
+from scripted_api import ScriptedClient, api_error, conversion_script, reply, text, thinking, tool_use
 from tools import bwrap_usable
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,6 +75,48 @@ def test_max_tokens_mid_tool_call_gets_an_error_result_and_the_run_goes_on(tmp_p
     answer = results_of(client.requests[1])
     assert answer[0]["is_error"] and "cut off by the max_tokens limit" in answer[0]["content"]
     assert answer[-1]["type"] == "text" and "max_tokens" in answer[-1]["text"]
+
+
+def test_max_tokens_after_a_complete_tool_call_runs_it(tmp_path):
+    done = reply(tool_use("python", {"code": "print(6 * 7)"}), text("Next I will"), stop_reason="max_tokens")
+    _, client = run_script(tmp_path, [done])
+    answer = results_of(client.requests[1])
+    assert (answer[0]["content"], answer[0]["is_error"]) == ("42\n", False)  # only the cut text is lost
+    assert answer[-1]["type"] == "text" and "max_tokens" in answer[-1]["text"]
+
+
+def test_thinking_blocks_go_back_unchanged_and_the_budget_is_recorded(tmp_path):
+    replies = [reply(thinking("First read the arguments."), tool_use("python", {"code": "print(1)"})),
+               reply(thinking("Done."), text("Stopping."), stop_reason="end_turn")]
+    run, client = run_script(tmp_path, replies, "--thinking", "2048")
+    assert run.label == "no_submission" and len(client.requests) == 2  # the stand-in refuses an altered block
+    assert all(r["thinking"] == {"type": "enabled", "budget_tokens": 2048} for r in client.requests)
+    sent = client.requests[1]["messages"][1]["content"][0]
+    assert sent["type"] == "thinking" and sent["thinking"] == "First read the arguments." and "signature" in sent
+    assert "<summary>thinking</summary>" in (tmp_path / "run-000" / "transcript.html").read_text()
+    assert main.main(["--offline", "--level", "1", "--thinking", "2048", "--out", str(tmp_path / "sweep")]) == 0
+    assert json.loads((tmp_path / "sweep" / "config.json").read_text())["thinking"] == 2048
+    assert "extended thinking: 2048 tokens" in (tmp_path / "sweep" / "report.html").read_text()
+
+
+def test_an_altered_thinking_block_is_refused_like_the_api_does():
+    client = ScriptedClient([reply(thinking("plan"), tool_use("python", {"code": "1"}))])
+    first = asyncio.run(client.create(model="m", max_tokens=4096, thinking={"type": "enabled", "budget_tokens": 1024},
+                                      messages=[{"role": "user", "content": "go"}]))
+    block = first.content[0].model_dump()
+    for changed in ({**block, "thinking": "another plan"}, {**block, "signature": "forged"}):
+        messages = [{"role": "user", "content": "go"}, {"role": "assistant", "content": [changed, first.content[1].model_dump()]},
+                    {"role": "user", "content": [{"type": "tool_result", "tool_use_id": first.content[1].id, "content": "1"}]}]
+        with pytest.raises(anthropic.BadRequestError, match="thinking block"):
+            asyncio.run(client.create(model="m", max_tokens=4096, messages=messages,
+                                      thinking={"type": "enabled", "budget_tokens": 1024}))
+
+
+@pytest.mark.parametrize("flags", [["--thinking", "512"], ["--thinking", "16000"], ["--thinking", "2000", "--max-tokens", "1500"]])
+def test_a_thinking_budget_the_api_would_refuse_is_a_clear_error(flags, capsys):
+    with pytest.raises(SystemExit) as e:
+        main.parse_args(flags)
+    assert e.value.code == 2 and "--thinking must be at least 1024" in capsys.readouterr().err
 
 
 def test_max_tokens_in_text_asks_to_continue(tmp_path):
@@ -156,9 +199,9 @@ def test_runs_overlap_in_time(tmp_path):
 
 
 def test_offline_mode_end_to_end(tmp_path, capsys):
-    assert main.main(["--offline", "--level", "6", "--out", str(tmp_path)]) == 0
+    assert main.main(["--offline", "--level", "8", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "offline check OK" in out and "tp_fc1_merge" in out and "expert_tp_merge" in out
+    assert "offline check OK" in out and "tp_fc1_merge" in out and "optimizer_chain" in out
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["passes"] == 1 and summary["graded"] == summary["runs_planned"] == 1 + len(MISTAKES)
     assert summary["failures"]["vocab_padding"] == 1 and not summary["errors"]

@@ -1,0 +1,186 @@
+"""Levels 6-9: pipeline and virtual pipeline (6), mixture of experts with expert parallelism (7),
+the distributed optimizer's fp32 main parameters (8), and no reference to check against (9)."""
+import numpy as np
+import pytest
+from conftest import reference
+
+from conversions import convert
+from data import source_model
+from grader import grade
+from task import ROUTING_MARGIN, build_prompt, make_instance, original_logits, token_sequences, write_workspace
+
+
+def permute_experts(w: dict, config: dict, perm: np.ndarray) -> dict:
+    """Runtime expert e becomes expert perm[e], its router row moving with it."""
+    out = dict(w)
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}.mlp."
+        if p + "gate.weight" not in w:
+            continue
+        out[p + "gate.weight"] = w[p + "gate.weight"][np.argsort(perm)]
+        for e in range(config["num_experts"]):
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                out[f"{p}experts.{perm[e]}.{name}.weight"] = w[f"{p}experts.{e}.{name}.weight"]
+    return out
+
+
+def fold_scale_into_up_proj(w: dict, config: dict, factor: float) -> dict:
+    """The routing scale factor moved from down_proj to up_proj: the same function."""
+    w = dict(w)
+    for key in [k for k in w if ".mlp.experts." in k and k.endswith("down_proj.weight")]:
+        w[key] = w[key] / factor
+        w[key.replace("down_proj", "up_proj")] = w[key.replace("down_proj", "up_proj")] * factor
+    return w
+
+
+@pytest.mark.parametrize("level", [7, 8])
+def test_equivalent_conversions_pass(level, save):
+    inst = make_instance(level, 5)
+    ref = reference(level, 5)
+    perm = np.array([2, 0, 3, 1])
+    permuted = permute_experts(ref, inst.config, perm)
+    assert not np.array_equal(permuted["model.layers.1.mlp.gate.weight"], ref["model.layers.1.mlp.gate.weight"])
+    folded = fold_scale_into_up_proj(ref, inst.config, inst.args["moe_router_topk_scaling_factor"])
+    float32 = {k: v.astype(np.float32) for k, v in permuted.items()}
+    for weights in (permuted, folded, float32):
+        g = grade(save(weights), level, 5)
+        assert g.passed, g
+
+
+def test_experts_moved_without_their_router_rows_fail(save):
+    inst = make_instance(7, 5)
+    moved = permute_experts(reference(7, 5), inst.config, np.array([1, 0, 2, 3]))
+    for i in range(inst.config["num_hidden_layers"]):
+        key = f"model.layers.{i}.mlp.gate.weight"
+        if key in moved:
+            moved[key] = reference(7, 5)[key]
+    assert not grade(save(moved), 7, 5).passed
+
+
+@pytest.mark.parametrize("level, suffixes", [(5, ["00", "01"]), (6, ["00_000", "00_001", "01_000", "01_001"]),
+                                             (7, [f"{t:02d}_{p:03d}_{e:03d}" for t in range(2) for p in range(2)
+                                                  for e in range(2)])])
+def test_each_rank_saves_its_directory_under_the_latest_iteration(level, suffixes, tmp_path):
+    inst = make_instance(level, 0)
+    write_workspace(tmp_path, inst)
+    checkpoint = tmp_path / "checkpoint"
+    iteration = int((checkpoint / "latest_checkpointed_iteration.txt").read_text())
+    assert iteration == inst.args["train_iters"] and [p.name for p in checkpoint.iterdir() if p.is_dir()] == \
+        [f"iter_{iteration:07d}"]
+    ranks = sorted((checkpoint / f"iter_{iteration:07d}").iterdir())
+    assert [r.name for r in ranks] == [f"mp_rank_{s}" for s in suffixes]
+    assert all(sorted(p.name for p in r.iterdir()) == ["model_optim_rng.npz"] for r in ranks)
+
+
+def test_rank_files_hold_what_each_rank_saved():
+    inst = make_instance(7, 0)
+    for (t, p, e), tensors in inst.files.items():
+        assert ("model0.embedding.word_embeddings.weight" in tensors) == (p == 0)
+        assert ("model1.output_layer.weight" in tensors) == (p == 1)
+        assert not any(k.startswith(("model1.embedding", "model0.output")) for k in tensors)
+        # Dense tensors are the same in both expert ranks' files; expert weights differ.
+        other = inst.files[t, p, 1 - e]
+        key = "model0.decoder.layers.0.self_attention.linear_qkv.weight"
+        assert np.array_equal(tensors[key], other[key])
+        if p == 1:  # pipeline rank 1, chunk 0 holds global layer 1, the first MoE layer
+            key = "model0.decoder.layers.0.mlp.experts.weight1"
+            assert tensors[key].shape == (inst.args["hidden_size"], 2 * 2 * inst.args["hidden_size"])
+            assert not np.array_equal(tensors[key], other[key])
+    assert "model0.decoder.layers.0.mlp.linear_fc1.layer_norm_weight" in inst.files[0, 0, 0]  # layer 0 is dense
+    layer = [k.removeprefix("model0.decoder.layers.0.") for k in inst.files[0, 1, 0] if ".layers.0." in k][:3]
+    assert layer == ["self_attention.linear_proj.weight", "self_attention.linear_qkv.layer_norm_weight",
+                     "self_attention.linear_qkv.weight"]  # registration order, as named_parameters()
+
+
+def test_optimizer_state_is_saved_where_megatron_saves_it(tmp_path):
+    inst = make_instance(8, 0)
+    write_workspace(tmp_path, inst)
+    rank_dirs = sorted((tmp_path / "checkpoint").glob("iter_*/mp_rank_*"))
+    assert len(rank_dirs) == 8 and all((d / "distrib_optim.npz").is_file() for d in rank_dirs)
+    for (t, p, e), state in inst.optimizer.items():
+        # The dense optimizer (entry 0) is saved by data-parallel rank 0 only, which is expert rank 0.
+        assert {k.split("/")[0] for k in state} == ({"0", "1"} if e == 0 else {"1"})
+        # One expert buffer per model chunk with MoE layers: pipeline rank 0's chunk 0 holds dense layer 0.
+        assert {k.split("/")[1] for k in state if k.startswith("1/") and k.count("/") > 1} == \
+            ({"0"} if p == 0 else {"0", "1"})
+        for key in [k for k in state if k.endswith("/param")]:
+            n = int(state[key.replace("param", "numel_unpadded")])
+            assert state[key].dtype == np.float32 and state[key].shape == (n,)
+            assert state[key.replace("param", "exp_avg_sq")].min() >= 0
+    main = inst.main[1, 1, 1]
+    assert main["model1.output_layer.weight"].dtype == np.float32
+    for key, bits in inst.files[1, 1, 1].items():  # the bf16 weights round the fp32 main parameters to nearest
+        assert np.array_equal(bits, source_model_bits(main[key]))
+    flat = inst.optimizer[1, 1, 0]["0/1/bfloat16,float32/param"]
+    out = inst.main[1, 1, 0]["model1.output_layer.weight"]
+    assert np.array_equal(flat[:out.size], out.ravel())  # the last registered parameter comes first
+
+
+def source_model_bits(x: np.ndarray) -> np.ndarray:
+    """Round-to-nearest-even to bfloat16, as uint16 bits (an independent check of the writer's rounding)."""
+    bits = x.astype(np.float32).view(np.uint32)
+    rounded = bits + 0x7FFF + ((bits >> 16) & 1)
+    return (rounded >> 16).astype(np.uint16)
+
+
+@pytest.mark.parametrize("level", [8, 9])
+def test_the_bf16_weights_are_not_the_original_model(level, save):
+    inst = make_instance(level, 6)
+    g = grade(save(convert(inst.files, inst.args, inst.config)), level, 6)  # a right level-7 conversion
+    assert not g.passed and g.label == "main_params" and g.max_error > 100 * 1e-4
+
+
+def test_level_9_shows_nothing_to_check_against(tmp_path):
+    write_workspace(tmp_path, make_instance(9, 0))
+    assert not (tmp_path / "reference.npz").exists() and not (tmp_path / "source_model.py").exists()
+    assert "There is no reference.npz" in build_prompt(9, 40) and "reference.npz" not in build_prompt(9, 40).split(
+        "There is no")[0]
+
+
+def test_a_tie_in_routing_is_never_compared():
+    inst = make_instance(7, 2)
+    original, rng = inst.original(), np.random.default_rng(0)
+    tokens = np.arange(32)
+    drawn = original_logits(original, tokens, rng)
+    margins = []
+    source_model.forward(original, drawn[0], margins)
+    assert min(margins) >= ROUTING_MARGIN
+    for files in original.files.values():  # every router row the same: every token at a tie
+        for key in [k for k in files if k.endswith("router.weight")]:
+            files[key] = np.repeat(files[key][:1], len(files[key]), axis=0)
+    assert original_logits(original, tokens, rng) is None
+
+
+def test_graded_sequences_cover_every_token_clear_of_ties():
+    inst = make_instance(7, 3)
+    original, rng = inst.original(), np.random.default_rng(1)
+    drawn = [original_logits(original, t, rng) for t in token_sequences(inst.args["vocab_size"], rng)]
+    assert all(d is not None for d in drawn)
+    assert set(np.concatenate([t for t, _ in drawn]).tolist()) == set(range(inst.args["vocab_size"]))
+
+
+def test_reference_logits_cover_every_token_and_are_the_originals(tmp_path):
+    inst = make_instance(7, 4)
+    write_workspace(tmp_path, inst)
+    with np.load(tmp_path / "reference.npz") as f:
+        tokens, logits = f["tokens"], f["logits"]
+    assert set(tokens.ravel().tolist()) == set(range(inst.args["vocab_size"]))
+    assert np.allclose(source_model.forward(inst.original(), tokens[0]), logits[0], atol=1e-12)
+
+
+@pytest.mark.parametrize("level", [7, 8])
+@pytest.mark.parametrize("start", range(0, 50, 10))
+def test_float32_reference_passes_on_fifty_instances(level, start, save):
+    for seed in range(start, start + 10):
+        weights = {k: v.astype(np.float32) for k, v in reference(level, seed).items()}
+        g = grade(save(weights), level, seed)
+        assert g.passed, (seed, g)
+
+
+def test_float32_reference_passes_on_twenty_draws_of_sequences(save):
+    """Files that differ only in an ignored key are graded on different sequences."""
+    for seed in (100, 101, 102):
+        weights = {k: v.astype(np.float32) for k, v in reference(7, seed).items()}
+        for nonce in range(20):
+            g = grade(save({**weights, "nonce": np.array([nonce])}), 7, seed)
+            assert g.passed, (seed, nonce, g)
