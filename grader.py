@@ -20,7 +20,7 @@ import numpy as np
 
 from conversions import MISTAKES, convert
 from data import target_model
-from task import LEVELS, MAX_SUBMISSION_BYTES, TOLERANCE, make_instance, original_logits, token_sequences
+from task import LEVELS, MAX_SUBMISSION_BYTES, TOLERANCE, make_instance, non_negative, original_logits, token_sequences
 
 
 @dataclass
@@ -116,8 +116,10 @@ def grade(submission: str | Path, level: int, seed: int) -> Grade:
     errors = []
     with np.errstate(all="ignore"):
         for tokens in token_sequences(inst.args["vocab_size"], rng):
-            if drawn := original_logits(original, tokens, rng):
+            if drawn := original_logits(original, tokens, rng):  # None: no draw clear of a routing tie
                 errors.append(np.max(np.abs(target_model.forward(runtime, drawn[0]) - drawn[1])))
+    if not errors:  # the instance's fault, not the submission's: main.py records it as an error
+        return Grade(False, "ungradable", None, "no token sequence could be drawn clear of a routing tie")
     worst = float(np.max(errors))  # np.max, unlike max(), lets a NaN through to fail the check below
     if worst <= TOLERANCE:
         return Grade(True, "pass", worst, f"max |logit difference| {worst:.3g} <= {TOLERANCE:g}")
@@ -129,7 +131,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="Grade a converted checkpoint; exit 0 on pass, 1 on fail.")
     parser.add_argument("submission")
     parser.add_argument("--level", type=int, required=True, choices=sorted(LEVELS))
-    parser.add_argument("--seed", type=int, required=True)
+    parser.add_argument("--seed", type=non_negative, required=True)
     a = parser.parse_args()
     g = grade(a.submission, a.level, a.seed)
     print(f"{'PASS' if g.passed else 'FAIL'} {g.label}: {g.detail}")

@@ -12,6 +12,7 @@ import sys
 import time
 import traceback
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -20,6 +21,7 @@ import anthropic
 
 import report
 import task
+from conversions import MISTAKES
 from grader import grade
 from limits import cgroups_usable, userns_filter
 from report import USAGE_KEYS
@@ -43,10 +45,13 @@ DEFAULT_MAX_COST = 5.0  # USD for the whole sweep, the runs a --resume keeps inc
 # The cost the cap expects of a run before any has finished: a long run, mostly cache reads.
 PRIOR_RUN_USAGE = {"input_tokens": 60_000, "output_tokens": 40_000, "cache_creation_input_tokens": 100_000,
                    "cache_read_input_tokens": 1_500_000}
+LABEL_WIDTH = max(map(len, MISTAKES))  # the longest label there is, so the console keeps its columns
 RESULTS = "results.jsonl"  # one line per finished run, appended as it ends
 # Where the harness cannot make cgroups (a normal user on cgroup v2), this bounds the whole sweep instead.
 SYSTEMD_SCOPE = "systemd-run --user --scope -p MemoryMax=16G -p TasksMax=1024"
-SWEEP_FLAGS = ("model", "levels", "runs", "seed", "max_steps", "max_tokens", "thinking", "offline")  # what --resume restores
+# What config.json saves and --resume restores; --max-cost alone may be given anew beside --resume.
+SWEEP_FLAGS = ("model", "levels", "runs", "seed", "max_steps", "max_tokens", "thinking", "offline", "max_cost")
+UNSET = object()  # a flag not given on the command line
 
 
 @dataclass
@@ -54,7 +59,7 @@ class Run:
     run_id: int
     seed: int
     level: int
-    outcome: str = "error"  # pass | fail | error (infrastructure; not in the pass rate)
+    outcome: str = "error"  # pass | fail | error (infrastructure) | stopped (the spending cap): the last two not graded
     label: str = "harness_error"  # the grader's label, or why the run ended without a grade
     detail: str = ""
     max_error: float | None = None
@@ -87,10 +92,18 @@ def tool_result(use_id: str, output: str, is_error: bool = False) -> dict:
     return {"type": "tool_result", "tool_use_id": use_id, "content": output, "is_error": is_error}
 
 
-async def run_agent(run: Run, client, sandbox: Sandbox, opts: argparse.Namespace) -> Path | None:
-    """The agent loop. Returns the submitted file (a copy outside the workspace) or None."""
+class SpendingCapReached(Exception):
+    """The sweep's spend reached --max-cost: no further request is sent."""
+
+
+async def run_agent(run: Run, client, sandbox: Sandbox, opts: argparse.Namespace,
+                    may_send: Callable[[], bool] = lambda: True) -> Path | None:
+    """The agent loop. Returns the submitted file (a copy outside the workspace) or None.
+    Before each request it asks may_send (the spending cap) and stops the run if not."""
     run.messages.append({"role": "user", "content": task.build_prompt(run.level, opts.max_steps)})
     for step in range(1, opts.max_steps + 1):
+        if not may_send():
+            raise SpendingCapReached
         started = time.monotonic()
         # Extended thinking, when asked for: its blocks go back unchanged in the conversation (as_param).
         thinking = {"thinking": {"type": "enabled", "budget_tokens": opts.thinking}} if opts.thinking else {}
@@ -105,8 +118,9 @@ async def run_agent(run: Run, client, sandbox: Sandbox, opts: argparse.Namespace
         uses = [b for b in response.content if b.type == "tool_use"]
         cut_off = response.stop_reason == "max_tokens"
         if not (cut_off or response.stop_reason == "tool_use" and uses):
-            run.label = "no_submission" if response.stop_reason in ("end_turn", "stop_sequence") \
-                else f"stop_{response.stop_reason}"
+            run.label = {"end_turn": "no_submission", "stop_sequence": "no_submission",
+                         "model_context_window_exceeded": "context_overflow"}.get(response.stop_reason,
+                                                                                  f"stop_{response.stop_reason}")
             return None
         started = time.monotonic()
         results = []
@@ -158,7 +172,8 @@ async def call_tool(name: str, tool_input, sandbox: Sandbox) -> tuple[str, bool]
     return f"Unknown tool {name!r}; the tools are: {', '.join(t['name'] for t in task.TOOLS)}.", True
 
 
-async def run_one(run: Run, client, opts: argparse.Namespace, isolate: bool) -> Run:
+async def run_one(run: Run, client, opts: argparse.Namespace, isolate: bool,
+                  may_send: Callable[[], bool] = lambda: True) -> Run:
     """One run from workspace to grade. Any failure is recorded on the run, never raised."""
     started = time.monotonic()
     run_dir = opts.out / f"run-{run.run_id:03d}"
@@ -169,13 +184,16 @@ async def run_one(run: Run, client, opts: argparse.Namespace, isolate: bool) -> 
         instance = await asyncio.to_thread(task.make_instance, run.level, run.seed)
         await asyncio.to_thread(task.write_workspace, run_dir / "workspace", instance)
         sandbox = Sandbox(run_dir / "workspace", isolate=isolate)
-        submission = await run_agent(run, client, sandbox, opts)
+        submission = await run_agent(run, client, sandbox, opts, may_send)
         if submission is not None:
             g = await asyncio.to_thread(grade, submission, run.level, run.seed)
-            run.outcome, run.label, run.detail, run.max_error = \
-                ("pass" if g.passed else "fail"), g.label, g.detail, g.max_error
+            outcome = "error" if g.label == "ungradable" else "pass" if g.passed else "fail"
+            run.outcome, run.label, run.detail, run.max_error = outcome, g.label, g.detail, g.max_error
         else:
             run.outcome = "fail"
+    except SpendingCapReached:
+        run.outcome, run.label = "stopped", "spending_cap"
+        run.detail = f"stopped before step {run.steps + 1}: the sweep's spend reached --max-cost ${opts.max_cost:.2f}"
     except anthropic.BadRequestError as e:
         # A conversation grown past the context window is the model's doing; any other 400 is ours.
         too_long = "prompt is too long" in str(e)
@@ -202,16 +220,18 @@ async def run_one(run: Run, client, opts: argparse.Namespace, isolate: bool) -> 
 def run_line(run: Run) -> str:
     tokens = f"{run.usage['input_tokens'] + run.usage['cache_read_input_tokens'] + run.usage['cache_creation_input_tokens']}" \
              f"/{run.usage['output_tokens']}"
-    return (f"run {run.run_id:03d} L{run.level} seed {run.seed:<6} {run.outcome.upper():5} {run.label:<18} "
+    return (f"run {run.run_id:03d} L{run.level} seed {run.seed:<6} {run.outcome.upper():7} {run.label:<{LABEL_WIDTH}} "
             f"steps {run.steps:<3} tokens in/out {tokens:<14} {run.seconds:6.1f}s")
 
 
 class Sweep:
     """One invocation's runs as they end: the spending cap, results.jsonl, progress and report.html."""
 
-    def __init__(self, opts: argparse.Namespace, planned: int, isolation: str, previous: list[Run] = ()):
+    def __init__(self, opts: argparse.Namespace, planned: int, isolation: str, previous: list[Run] = (),
+                 spent_before: float = 0.0):
         self.opts, self.planned, self.isolation = opts, planned, isolation
         self.done: list[Run] = list(previous)
+        self.spent_before = spent_before  # what the runs a --resume starts over had already cost
         self.in_flight: dict[int, Run] = {}
         self.changed = asyncio.Condition()  # a run ended: the cap may now allow another
         self.skipped = 0
@@ -226,25 +246,34 @@ class Sweep:
         return sum(costs) / len(costs) if costs else report.estimated_cost(self.opts.model, PRIOR_RUN_USAGE) or 0.0
 
     def spent(self) -> float:
-        return sum(self.cost(r) for r in [*self.done, *self.in_flight.values()])
+        return self.spent_before + sum(self.cost(r) for r in [*self.done, *self.in_flight.values()])
 
-    def under_cap(self) -> bool:
-        """Whether the spend so far, plus what the runs in flight and one more are expected to cost, stays under the cap."""
-        if self.opts.offline or self.opts.max_cost <= 0:
-            return True
+    def capped(self) -> bool:
+        return not self.opts.offline and self.opts.max_cost > 0
+
+    def may_send(self) -> bool:
+        """The cap bounds spend: no request is sent once the spend so far has reached it. So a sweep
+        passes the cap by at most the requests in flight when it is reached, one per running run."""
+        return not self.capped() or self.spent() < self.opts.max_cost
+
+    def room_for_one_more(self) -> bool:
+        """How many runs go at once: the spend so far, what the runs in flight are still expected to
+        cost, and one more run, within the cap. With none in flight one run may always start."""
+        if not self.capped() or not self.in_flight:
+            return self.may_send()
         mean = self.expected_run_cost()
         expected = sum(max(0.0, mean - self.cost(r)) for r in self.in_flight.values()) + mean
         return self.spent() + expected <= self.opts.max_cost
 
     async def start(self, run: Run) -> bool:
-        """Start `run` once the cap allows it, waiting for runs in flight to end (their costs then
-        replace the estimate); False, and the run is skipped, if it would pass the cap with none in flight."""
+        """Start `run` once there is room, waiting for runs in flight to end (their costs then
+        replace the estimate); False, and the run is skipped, once the spend has reached the cap."""
         async with self.changed:
-            while not self.under_cap():
-                if not self.in_flight:
-                    self.skipped += 1
-                    return False
+            while self.in_flight and not self.room_for_one_more():
                 await self.changed.wait()
+            if not self.room_for_one_more():
+                self.skipped += 1
+                return False
             self.in_flight[run.run_id] = run
             return True
 
@@ -279,8 +308,9 @@ class Sweep:
             "model": opts.model, "levels_swept": opts.levels, "seed": opts.seed, "offline": opts.offline,
             "thinking_budget": opts.thinking,
             "runs_planned": self.planned, "runs_finished": len(runs), "skipped": self.skipped,
-            "skipped_reason": f"the spending cap of ${opts.max_cost:.2f} (--max-cost) would have been passed"
-            if self.skipped else "",
+            "skipped_reason": f"the spend reached the cap of ${opts.max_cost:.2f} (--max-cost)" if self.skipped else "",
+            "stopped": sum(r.outcome == "stopped" for r in runs), "spent_usd": round(self.spent(), 4),
+            "max_cost_usd": opts.max_cost if self.capped() else None,
             "graded": overall["graded"], "passes": overall["passes"], "pass_rate": rate, "wilson_95": overall["wilson_95"],
             "target_band": list(report.TARGET_BAND),
             "in_target_band": rate is not None and report.TARGET_BAND[0] <= rate <= report.TARGET_BAND[1],
@@ -291,7 +321,8 @@ class Sweep:
             "tokens": {"input": usage["input_tokens"], "output": usage["output_tokens"],
                        "cache_write": usage["cache_creation_input_tokens"], "cache_read": usage["cache_read_input_tokens"]},
             "estimated_cost_usd": cost,
-            "cost_text": "none (scripted)" if opts.offline else "unknown for this model" if cost is None else f"${cost:.2f}",
+            "cost_text": "none (scripted)" if opts.offline else "unknown for this model" if cost is None else
+            f"${self.spent():.2f}" + (f" of the ${opts.max_cost:.2f} cap" if self.capped() else " (no cap)"),
             "wall_seconds": round(time.monotonic() - self.started, 1), "isolation": self.isolation,
         }
 
@@ -302,6 +333,9 @@ def print_summary(s: dict) -> None:
         print(f"interrupted: {s['runs_finished']} of {s['runs_planned']} runs finished")
     if s["skipped"]:
         print(f"skipped: {s['skipped']} runs never started: {s['skipped_reason']}")
+    if s["stopped"]:
+        print(f"stopped: {s['stopped']} runs ended unfinished at the spending cap, neither pass nor fail (not in the "
+              "pass rate); --resume with a higher --max-cost starts them over")
     report.print_table(s)
     if s["errors"]:
         print(f"errors (not in the pass rate): {sum(s['errors'].values())} "
@@ -320,7 +354,7 @@ async def run_all(runs: list[Run], clients: list, opts: argparse.Namespace, isol
         async with limit:
             if not await sweep.start(run):
                 return
-            finished = await run_one(run, client, opts, isolate)
+            finished = await run_one(run, client, opts, isolate, sweep.may_send)
         await sweep.finished(finished)
 
     await asyncio.gather(*(guarded(run, client) for run, client in zip(runs, clients, strict=True)))
@@ -351,7 +385,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     which.add_argument("--level", type=int, choices=sorted(task.LEVELS),
                        help=f"difficulty, 1 (easiest) to {max(task.LEVELS)} (default {task.DEFAULT_LEVEL})")
     which.add_argument("--levels", type=parse_levels, help="a sweep over levels, A-B or A,B,...; runs interleaved")
-    p.add_argument("--seed", type=int, default=0, help="base instance seed; run i of a level uses seed + i (default 0)")
+    p.add_argument("--seed", type=task.non_negative, default=0,
+                   help="base instance seed; run i of a level uses seed + i (default 0)")
     p.add_argument("--max-steps", type=int, default=task.DEFAULT_MAX_STEPS,
                    help=f"model replies per run (default {task.DEFAULT_MAX_STEPS})")
     p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
@@ -364,26 +399,56 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         f"it; 0 for no cap (default {DEFAULT_MAX_COST:g})")
     p.add_argument("--out", type=Path, help="output directory (default runs/<timestamp>/)")
     p.add_argument("--resume", type=Path, metavar="DIR",
-                   help=f"finish the sweep in DIR with its own flags, keeping the runs in its {RESULTS}")
+                   help=f"finish the sweep in DIR with its saved flags, keeping the passes and fails in its {RESULTS} "
+                        "(other runs start over); only --max-cost may be given anew")
     p.add_argument("--offline", action="store_true",
                    help="no API key: scripted replies submit the reference and every known wrong conversion")
     p.add_argument("--require-isolation", action="store_true", help="fail if bubblewrap cannot isolate the sandbox")
     p.add_argument("--verbose", action="store_true", help="print every tool call as it happens")
-    opts = p.parse_args(argv)
+    flags = (*SWEEP_FLAGS, "level", "out")
+    opts = p.parse_args(argv, argparse.Namespace(**dict.fromkeys(flags, UNSET)))  # argparse keeps what is set
+    given = {k for k in flags if getattr(opts, k) is not UNSET}
+    vars(opts).update({k: p.get_default(k) for k in flags if k not in given})
+    if opts.level is not None:
+        opts.levels = [opts.level]
     if opts.resume:
-        try:
-            saved = json.loads((opts.resume / "config.json").read_text())
-        except (OSError, ValueError) as e:
-            p.error(f"--resume {opts.resume}: cannot read its config.json ({e})")
-        vars(opts).update({k: saved[k] for k in SWEEP_FLAGS}, out=opts.resume)
-    else:
-        opts.levels = opts.levels or [opts.level or task.DEFAULT_LEVEL]
-    if min(opts.runs, opts.concurrency, opts.max_steps, opts.max_tokens) < 1:
-        p.error("--runs, --concurrency, --max-steps and --max-tokens must be positive")
+        restore(p, opts, given)
+    opts.levels = opts.levels or [task.DEFAULT_LEVEL]
+    try:
+        if min(opts.runs, opts.concurrency, opts.max_steps, opts.max_tokens) < 1:
+            p.error("--runs, --concurrency, --max-steps and --max-tokens must be positive")
+        if not opts.levels or any(lv not in task.LEVELS for lv in opts.levels) or opts.seed < 0:
+            p.error(f"levels must lie in {min(task.LEVELS)}-{max(task.LEVELS)} and the seed must be non-negative")
+    except TypeError:
+        p.error(f"--resume {opts.resume}: config.json holds a value of the wrong type")
     if opts.thinking and not 1024 <= opts.thinking < opts.max_tokens:  # what the Messages API accepts
         p.error(f"--thinking must be at least 1024 and below --max-tokens ({opts.max_tokens}), or 0 for off")
     opts.out = opts.out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
     return opts
+
+
+def restore(p: argparse.ArgumentParser, opts: argparse.Namespace, given: set[str]) -> None:
+    """Take the sweep's saved flags from its config.json. A flag given again must agree with the
+    saved one, except --max-cost, which is replaced; a key missing from the file gets its default."""
+    try:
+        saved = json.loads((opts.resume / "config.json").read_text())
+        assert isinstance(saved, dict)
+    except (OSError, ValueError, AssertionError) as e:
+        p.error(f"--resume {opts.resume}: cannot read its config.json ({e or 'not an object'})")
+    if "out" in given:
+        p.error("--resume DIR writes into DIR: drop --out")
+    missing = [k for k in SWEEP_FLAGS if k not in saved]
+    if missing:
+        print(f"--resume {opts.resume}: config.json has no {', '.join(missing)}; using the default", file=sys.stderr)
+    values = {k: saved.get(k, p.get_default(k)) for k in SWEEP_FLAGS}
+    values["levels"] = values["levels"] or [task.DEFAULT_LEVEL]
+    differ = [k for k in given & set(SWEEP_FLAGS) - {"max_cost"} if getattr(opts, k) != values[k]]
+    if differ:
+        p.error(f"--resume {opts.resume} runs the saved sweep; these flags differ from it: "
+                + ", ".join(f"--{k.replace('_', '-')} (saved {values[k]!r})" for k in differ)
+                + ". Drop them, or start a new sweep.")
+    new_cap = opts.max_cost if "max_cost" in given else values["max_cost"]
+    vars(opts).update(values, max_cost=new_cap, out=opts.resume)
 
 
 def plan(opts: argparse.Namespace) -> list[tuple[Run, str, list | None]]:
@@ -403,11 +468,23 @@ def plan(opts: argparse.Namespace) -> list[tuple[Run, str, list | None]]:
     return planned
 
 
-def finished_runs(out: Path) -> list[Run]:
-    """The runs recorded in out/results.jsonl (none if it does not exist)."""
-    path = out / RESULTS
-    lines = path.read_text().splitlines() if path.exists() else []
-    return [Run(**{k: v for k, v in json.loads(line).items() if k in Run.__dataclass_fields__}) for line in lines if line]
+def recorded_runs(out: Path) -> list[Run]:
+    """Every run recorded in out/results.jsonl, in order (none if it does not exist). A line that
+    is not a whole record (a crash cut it short) is skipped with a warning: that run is redone."""
+    path, runs = out / RESULTS, []
+    lines = path.read_text(errors="replace").splitlines() if path.exists() else []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+            run = Run(**{k: v for k, v in record.items() if k in Run.__dataclass_fields__})
+            if not (isinstance(run.level, int) and isinstance(run.seed, int) and isinstance(run.usage, dict)):
+                raise TypeError("a field of the wrong type")
+            run.usage = {k: int(run.usage.get(k) or 0) for k in USAGE_KEYS}
+        except (ValueError, TypeError, AttributeError) as e:
+            print(f"{path}, line {number}: not a whole record ({type(e).__name__}); that run is redone", file=sys.stderr)
+            continue
+        runs.append(run)
+    return runs
 
 
 def sandbox_report(isolate: bool) -> str:
@@ -417,9 +494,13 @@ def sandbox_report(isolate: bool) -> str:
     if isolate:
         parts.append("no new user namespaces (seccomp)" if userns_filter() else
                      "WARNING: user namespaces not blocked (no seccomp filter for this architecture)")
-    parts.append(f"cgroup per worker: {MEMORY_BYTES >> 30} GiB memory, {MAX_PROCESSES} processes" if cgroups_usable() else
-                 "WARNING: no cgroup could be created: memory and process limits are per process (rlimits); to "
-                 f"bound the whole sweep, start it as {SYSTEMD_SCOPE} python main.py ...")
+    if cgroups_usable():
+        parts.append(f"cgroup per worker: {MEMORY_BYTES >> 30} GiB memory, {MAX_PROCESSES} processes")
+    else:  # RLIMIT_NPROC counts a whole uid's processes, so it binds only under a uid of the worker's own
+        processes = f"{MAX_PROCESSES} processes (RLIMIT_NPROC, a uid per worker)" if isolate and os.geteuid() == 0 \
+            else "processes NOT bounded"
+        parts.append(f"WARNING: no cgroup could be created: memory bounded per process only (RLIMIT_AS), {processes}; "
+                     f"to bound the whole sweep, start it as {SYSTEMD_SCOPE} python main.py ...")
     return "; ".join(parts)
 
 
@@ -442,8 +523,12 @@ def main(argv: list[str] | None = None) -> int:
     if "WARNING" in isolation:
         print(isolation, file=sys.stderr)
     planned = plan(opts)
-    previous = finished_runs(opts.out) if opts.resume else []
+    records = recorded_runs(opts.out) if opts.resume else []
+    latest = {(r.level, r.seed): r for r in records}  # a run started over is recorded again
+    previous = [r for r in latest.values() if r.outcome in ("pass", "fail")]  # the rest start over
     kept = {(r.level, r.seed) for r in previous}
+    spent_before = 0.0 if opts.offline else sum(report.estimated_cost(opts.model, r.usage) or 0.0 for r in records
+                                                if (r.level, r.seed) not in kept or r is not latest[r.level, r.seed])
     todo = [(run, name, script) for run, name, script in planned if (run.level, run.seed) not in kept]
     if opts.offline:
         from scripted_api import ScriptedClient
@@ -459,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{'scripted replies' if opts.offline else opts.model}, {opts.concurrency} at a time"
           f"{f', {len(previous)} kept from before' if previous else ''}; spending cap {cap}; "
           f"transcripts and report.html in {opts.out}/")
-    sweep = Sweep(opts, len(planned), isolation, previous)
+    sweep = Sweep(opts, len(planned), isolation, previous, spent_before)
     try:
         asyncio.run(run_all([run for run, _, _ in todo], clients, opts, isolate, sweep))
     except KeyboardInterrupt:

@@ -35,7 +35,7 @@ def estimated_cost(model: str, usage: dict[str, int]) -> float | None:
 
 
 def level_row(level: int | None, runs: list, model: str, offline: bool) -> dict:
-    graded = [r for r in runs if r.outcome != "error"]
+    graded = [r for r in runs if r.outcome in ("pass", "fail")]  # errors and runs the cap stopped are left out
     passes = sum(r.outcome == "pass" for r in graded)
     low, high = wilson_interval(passes, len(graded))
     failures = dict(Counter(r.label for r in graded if r.outcome == "fail").most_common())

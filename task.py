@@ -77,8 +77,7 @@ class Instance:
     main: Files  # per rank: the fp32 main parameters, with the distributed optimizer
 
     def original(self) -> Checkpoint:
-        """The original model, for data/source_model.forward: the fp32 main parameters where the
-        optimizer holds them, else the bf16 weights."""
+        """The original model for source_model.forward: the fp32 main parameters if any, else the bf16 weights."""
         files = self.main or {r: {k: bf16_to_float(v) for k, v in f.items()} for r, f in self.files.items()}
         return Checkpoint(self.args, {r: {k: v.astype(np.float64) for k, v in f.items()} for r, f in files.items()})
 
@@ -86,32 +85,26 @@ class Instance:
 def make_instance(level: int, seed: int) -> Instance:
     if level not in LEVELS:
         raise ValueError(f"level must be one of {sorted(LEVELS)}, got {level}")
-    if seed < 0:
-        raise ValueError(f"seed must be non-negative, got {seed}")
     level_args, level_config, _ = LEVELS[level]
     rng = np.random.default_rng([level, seed])
     heads, groups = HEAD_LAYOUTS[rng.integers(len(HEAD_LAYOUTS))]
     d, hidden = int(rng.choice([16, 24])), int(rng.choice([48, 64]))
     ffn, vocab = int(rng.choice([64, 96, 128])), int(rng.integers(200, 250))
-    tp, pp, layers = (level_args[k] for k in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
-                                              "num_layers"))
+    tp, pp = level_args["tensor_model_parallel_size"], level_args["pipeline_model_parallel_size"]
+    layers = level_args["num_layers"]
     world = tp * pp * level_args["expert_model_parallel_size"]  # expert data-parallel size 1
-    multiple = 128 * tp
-    args = {"hidden_size": hidden, "ffn_hidden_size": ffn,
-            "num_attention_heads": heads, "group_query_attention": True,
-            "num_query_groups": groups, "kv_channels": d, "normalization": "RMSNorm",
-            "norm_epsilon": 1e-5, "position_embedding_type": "rope", "rotary_base": 10000,
-            **level_args, "expert_tensor_parallel_size": tp, "add_bias_linear": False, "swiglu": True,
-            "vocab_size": vocab, "make_vocab_size_divisible_by": 128,
-            "padded_vocab_size": -(-vocab // multiple) * multiple, "seq_length": SEQ_LEN,
+    args = {"hidden_size": hidden, "ffn_hidden_size": ffn, "num_attention_heads": heads, "group_query_attention": True,
+            "num_query_groups": groups, "kv_channels": d, "normalization": "RMSNorm", "norm_epsilon": 1e-5,
+            "position_embedding_type": "rope", "rotary_base": 10000, **level_args, "expert_tensor_parallel_size": tp,
+            "add_bias_linear": False, "swiglu": True, "vocab_size": vocab, "make_vocab_size_divisible_by": 128,
+            "padded_vocab_size": -(-vocab // (128 * tp)) * 128 * tp, "seq_length": SEQ_LEN,
             "max_position_embeddings": SEQ_LEN, "bf16": True, "transformer_impl": "transformer_engine",
             "world_size": world, "data_parallel_size": world // (tp * pp), "ckpt_format": "torch",
             "optimizer": "adam", "adam_beta1": 0.9, "adam_beta2": 0.95, "adam_eps": 1e-8,
             "accumulate_allreduce_grads_in_fp32": True, "overlap_grad_reduce": False, "overlap_param_gather": False}
     config = {"hidden_size": hidden, "intermediate_size": ffn, "num_hidden_layers": layers,
-              "num_attention_heads": heads, "num_key_value_heads": groups, "head_dim": d,
-              "vocab_size": vocab, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-              "partial_rotary_factor": level_args["rotary_percent"],
+              "num_attention_heads": heads, "num_key_value_heads": groups, "head_dim": d, "vocab_size": vocab,
+              "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "partial_rotary_factor": level_args["rotary_percent"],
               "qkv_bias": level_args["add_qkv_bias"], "qk_norm": level_args["qk_layernorm"],
               "tie_word_embeddings": not level_args["untie_embeddings_and_output_weights"], **level_config}
     if args["num_experts"]:
@@ -120,7 +113,8 @@ def make_instance(level: int, seed: int) -> Instance:
                  "moe_router_topk_scaling_factor": float(rng.choice([1.5, 2.0, 2.5, 3.0]))}
         config |= {"num_experts": args["num_experts"], "num_experts_per_tok": args["moe_router_topk"],
                    "moe_intermediate_size": tp * hidden, "shared_expert_intermediate_size": ffn,
-                   "norm_topk_prob": True, "mlp_only_layers": [i for i in range(layers) if not args["moe_layer_freq"][i]]}
+                   "norm_topk_prob": True,
+                   "mlp_only_layers": [i for i in range(layers) if not args["moe_layer_freq"][i]]}
     values = random_files(args, rng)
     args["train_iters"] = int(rng.choice(ITERATIONS))  # the checkpoint is the one saved at the end
     if not args["use_distributed_optimizer"]:
@@ -150,10 +144,8 @@ def original_logits(original: Checkpoint, tokens: np.ndarray, rng: np.random.Gen
         logits = forward(original, tokens, margins)
         if min(margins, default=np.inf) >= ROUTING_MARGIN:
             return tokens, logits
-        if len(set(tokens.tolist())) > 1:
-            tokens = rng.permutation(tokens)
-        else:
-            tokens = np.full(len(tokens), rng.integers(original.args["vocab_size"]))
+        repeated = len(set(tokens.tolist())) == 1
+        tokens = np.full(len(tokens), rng.integers(original.args["vocab_size"])) if repeated else rng.permutation(tokens)
     return None
 
 
@@ -161,11 +153,10 @@ def write_workspace(workspace: str | Path, inst: Instance) -> None:
     ws, iteration = Path(workspace), inst.args["train_iters"]
     (ws / "checkpoint").mkdir(parents=True, exist_ok=True)
     (ws / "checkpoint" / "latest_checkpointed_iteration.txt").write_text(str(iteration))
-    for rank, tensors in inst.files.items():
-        (ws / "checkpoint" / rank_file(inst.args, *rank, iteration)).parent.mkdir(parents=True)
-        np.savez(ws / "checkpoint" / rank_file(inst.args, *rank, iteration), **tensors)
-    for rank, tensors in inst.optimizer.items():
-        np.savez(ws / "checkpoint" / rank_file(inst.args, *rank, iteration, "distrib_optim.npz"), **tensors)
+    for name, files in (("model_optim_rng.npz", inst.files), ("distrib_optim.npz", inst.optimizer)):
+        for rank, tensors in files.items():
+            (ws / "checkpoint" / rank_file(inst.args, *rank, iteration)).parent.mkdir(parents=True, exist_ok=True)
+            np.savez(ws / "checkpoint" / rank_file(inst.args, *rank, iteration, name), **tensors)
     (ws / "megatron_args.json").write_text(json.dumps(inst.args, indent=2) + "\n")
     (ws / "config.json").write_text(json.dumps(inst.config, indent=2) + "\n")
     shutil.copy(DATA / "target_model.py", ws / "target_model.py")
@@ -192,16 +183,15 @@ def build_prompt(level: int, max_steps: int | None, graded_file: str | None = No
                  f"{'reference.npz and grading use' if shown == 'reference' else 'grading uses'} it.\n"
                  if args["use_distributed_optimizer"] else "\n")
     routing = (f"\n- A sequence on which the original model's choice of experts for some token comes within\n"
-               f"  {ROUTING_MARGIN:g} of a tie (in router logits) is redrawn with its tokens reordered, so no\n"
-               "  comparison hinges on a tie." if args["num_experts"] else "")
+               f"  {ROUTING_MARGIN:g} of a tie (in router logits) is redrawn with its tokens reordered (up to\n"
+               f"  {ROUTING_REDRAWS} times, then left out), so no comparison hinges on a tie."
+               if args["num_experts"] else "")
     source = {
         "source": "- source_model.py: the original model in numpy (load_checkpoint, forward).\n",
         "reference": f"- reference.npz: `tokens` (N, {SEQ_LEN}) int64 and `logits` (N, {SEQ_LEN}, vocab_size) float64, "
                      "the\n  original model's logits on those sequences; together they contain every token id.\n",
-        "nothing": ""}[shown]
-    alone = ("\nThere is no reference.npz and no source_model.py: nothing in the working directory shows\n"
-             "the original model's outputs, so check your conversion by reasoning about the files.\n"
-             if shown == "nothing" else "")
+        "nothing": "- No reference.npz and no source_model.py: nothing here shows the original model's\n"
+                   "  outputs, so check your conversion by reasoning about the files.\n"}[shown]
     if graded_file is None:
         goal = "Write a checkpoint for the runtime and submit it."
         tools = f"""\
@@ -226,7 +216,7 @@ Your working directory holds:
 - megatron_args.json: the arguments of the training run.
 {source}- target_model.py and config.json: the serving runtime and the configuration it will
   run with (load_checkpoint, forward, expected_shapes).
-{alone}
+
 {goal}
 
 How the submission is graded:
@@ -251,29 +241,24 @@ How the submission is graded:
 TOOLS = [
     {"name": "python",
      "description": (
-         "Run Python code in a persistent process whose working directory is the task's "
-         "workspace. Variables, imports and functions persist between calls, like notebook "
-         "cells; files persist too. Use print() to see values: stdout and stderr are returned, "
-         f"with the traceback if the code raises; output beyond {OUTPUT_LIMIT} bytes (and an error message "
-         f"beyond {OUTPUT_LIMIT} characters) is cut in the middle. A call that runs longer than {CALL_TIMEOUT_S} s "
-         "is stopped and the "
-         "process restarted: variables are lost, files remain. The working directory may hold at "
-         f"most {QUOTA_TEXT}: a call that grows it past that is stopped, and if it is still over "
-         "after your next call, or when you submit, the task ends as failed. The process and everything "
-         f"it starts may use {MEMORY_BYTES >> 30} GiB of memory and {MAX_PROCESSES} processes in all, and "
-         f"each process {CPU_SECONDS} s of CPU time. numpy is installed; there is no network."),
-     "input_schema": {"type": "object",
-                      "properties": {"code": {"type": "string", "description": "Python source to run."}},
-                      "required": ["code"]}},
+         "Run Python code in a persistent process whose working directory is the task's workspace. Variables, "
+         "imports and functions persist between calls, like notebook cells; files persist too. Use print() to see "
+         "values: stdout and stderr are returned, with the traceback if the code raises; output beyond "
+         f"{OUTPUT_LIMIT} bytes (and an error message beyond {OUTPUT_LIMIT} characters) is cut in the middle. A call "
+         f"that runs longer than {CALL_TIMEOUT_S} s is stopped and the process restarted: variables are lost, files "
+         f"remain. The working directory may hold at most {QUOTA_TEXT}: a call that grows it past that is stopped, "
+         "and if it is still over after your next call, or when you submit, the task ends as failed. The process "
+         f"and everything it starts may use {MEMORY_BYTES >> 30} GiB of memory and {MAX_PROCESSES} processes in all, "
+         f"and each process {CPU_SECONDS} s of CPU time. numpy is installed; there is no network."),
+     "input_schema": {"type": "object", "required": ["code"],
+                      "properties": {"code": {"type": "string", "description": "Python source to run."}}}},
     {"name": "submit",
      "description": (
-         "Submit the converted checkpoint for grading. The first submission is final and ends "
-         "the task. A path that is refused (not found, not a regular file, outside the working "
-         "directory) is not a submission: the task goes on and you may submit again."),
-     "input_schema": {"type": "object",
-                      "properties": {"path": {"type": "string",
-                                              "description": "Path of the .npz file, relative to the working directory."}},
-                      "required": ["path"]}},
+         "Submit the converted checkpoint for grading. The first submission is final and ends the task. A path "
+         "that is refused (not found, not a regular file, outside the working directory) is not a submission: the "
+         "task goes on and you may submit again."),
+     "input_schema": {"type": "object", "required": ["path"], "properties": {"path": {
+         "type": "string", "description": "Path of the .npz file, relative to the working directory."}}}},
 ]
 
 

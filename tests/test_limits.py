@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 from test_tools import ISOLATED, needs_bwrap, run
 
+import main
 import tools
 from limits import cgroups_usable, workspace_bytes
-from tools import MEMORY_BYTES, Sandbox
+from tools import MAX_PROCESSES, MEMORY_BYTES, Sandbox
 
 needs_cgroups = pytest.mark.skipif(not cgroups_usable(), reason="cannot create v1 memory and pids cgroups here")
 
@@ -165,3 +166,19 @@ def test_writing_between_calls_is_stopped(tmp_path, monkeypatch):
     assert first.output == "started\n"
     assert second.is_error and "grew past" in second.output
     assert workspace_bytes(tmp_path / "ws", 10_000) < 512 << 20
+
+
+@pytest.mark.skipif(not cgroups_usable(), reason="no cgroup here: the run report says processes are not bounded")
+@pytest.mark.parametrize("isolate", [pytest.param(True, marks=needs_bwrap), False], ids=["bwrap", "plain"])
+def test_the_process_limit_holds_with_and_without_bubblewrap(isolate, tmp_path):
+    (tmp_path / "ws").mkdir()
+    loop = ("import os, time\nn = 0\ntry:\n    while n < 500:\n        if os.fork() == 0:\n"
+            "            time.sleep(20)\n            os._exit(0)\n        n += 1\nexcept OSError:\n    print(n)")
+    (r,) = run(Sandbox(tmp_path / "ws", isolate=isolate, timeout=20), loop)
+    assert not r.is_error and 0 < int(r.output) < MAX_PROCESSES, r.output
+
+
+def test_the_run_report_says_when_processes_are_not_bounded(monkeypatch):
+    monkeypatch.setattr(main, "cgroups_usable", lambda: False)  # a host without writable cgroups
+    plain = main.sandbox_report(False)
+    assert "processes NOT bounded" in plain and "systemd-run --user --scope" in plain

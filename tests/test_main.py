@@ -62,10 +62,11 @@ def test_end_turn_without_submission(tmp_path):
     assert (run.outcome, run.label, run.steps) == ("fail", "no_submission", 1)
 
 
-@pytest.mark.parametrize("reason", ["refusal", "model_context_window_exceeded"])
-def test_other_stop_reasons_end_with_their_own_label(tmp_path, reason):
+@pytest.mark.parametrize("reason, label", [("refusal", "stop_refusal"),
+                                           ("model_context_window_exceeded", "context_overflow")])
+def test_other_stop_reasons_end_with_their_own_label(tmp_path, reason, label):
     run, _ = run_script(tmp_path, [reply(text("..."), stop_reason=reason)])
-    assert (run.outcome, run.label) == ("fail", f"stop_{reason}")
+    assert (run.outcome, run.label) == ("fail", label)
 
 
 def test_max_tokens_mid_tool_call_gets_an_error_result_and_the_run_goes_on(tmp_path):

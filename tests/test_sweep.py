@@ -12,7 +12,7 @@ from test_main import ISOLATE
 
 import main
 import report
-from scripted_api import ScriptedClient, conversion_script, reply, text
+from scripted_api import ScriptedClient, conversion_script, reply, text, tool_use
 
 ROOT = Path(__file__).resolve().parents[1]
 GIVE_UP = [reply(text("I give up."), stop_reason="end_turn")]
@@ -68,19 +68,52 @@ def test_a_level_inside_the_band_is_recommended():
 def test_the_spending_cap_stops_new_runs(tmp_path, capsys):
     # Each run makes one request of 100k input and 10k output tokens: $0.15 at claude-haiku-4-5's prices.
     s = sweep(tmp_path, {1: 0}, 10, "--max-cost", "1", usage={"input_tokens": 100_000, "output_tokens": 10_000})
-    assert len(s.done) == 6 and s.skipped == 4  # after six runs ($0.90) a seventh would pass $1.00
+    # Six runs spend $0.90, under the cap, so a seventh may send its request; then the cap is reached.
+    assert len(s.done) == 7 and s.skipped == 3
     summary = s.summary()
-    assert summary["skipped"] == 4 and "$1.00" in summary["skipped_reason"]
-    assert summary["estimated_cost_usd"] == pytest.approx(0.90)
+    assert summary["skipped"] == 3 and "$1.00" in summary["skipped_reason"]
+    assert summary["spent_usd"] == pytest.approx(1.05) and summary["max_cost_usd"] == 1
     main.print_summary(summary)
-    assert "skipped: 4 runs never started" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "skipped: 3 runs never started" in out and "$1.05 of the $1.00 cap" in out
 
 
-def test_runs_wait_for_the_cap_instead_of_being_skipped_early(tmp_path):
-    """Ten at once: before any run ends, the estimate ($0.54 a run) lets one start; the rest wait for real costs."""
-    s = sweep(tmp_path, {1: 0}, 10, "--max-cost", "1", "--concurrency", "10",
-              usage={"input_tokens": 100_000, "output_tokens": 10_000})
-    assert len(s.done) == 6 and s.skipped == 4
+def looping(steps: int) -> list:
+    return [reply(tool_use("python", {"code": "pass"})) for _ in range(steps)] + GIVE_UP
+
+
+def capped_sweep(tmp_path, runs: int, concurrency: int, cap: str, usage: dict | None, steps: int = 10) -> main.Sweep:
+    opts = main.parse_args(["--level", "1", "--runs", str(runs), "--out", str(tmp_path), "--max-cost", cap,
+                            "--concurrency", str(concurrency), "--max-steps", str(steps + 2)])
+    planned = main.plan(opts)
+    clients = [ScriptedClient(looping(steps), latency=0.01, usage=usage) for _ in planned]
+    s = main.Sweep(opts, len(planned), "test")
+    asyncio.run(main.run_all([run for run, _, _ in planned], clients, opts, ISOLATE, s))
+    return s
+
+
+def test_the_cap_bounds_spend_within_a_run(tmp_path):
+    """10 requests of $1 each: the run is stopped after its first, neither pass nor fail."""
+    s = capped_sweep(tmp_path, 3, 1, "1", {"input_tokens": 1_000_000, "output_tokens": 0})
+    (run,) = s.done
+    assert (run.outcome, run.label, run.steps) == ("stopped", "spending_cap", 1) and s.skipped == 2
+    summary = s.summary()
+    assert summary["spent_usd"] == pytest.approx(1.0) and summary["stopped"] == 1 and summary["graded"] == 0
+    assert summary["pass_rate"] is None  # a stopped run is not in the pass rate
+
+
+def test_with_many_runs_in_flight_the_overshoot_is_one_request_each(tmp_path):
+    per_request = 0.10  # 100k input tokens
+    s = capped_sweep(tmp_path, 12, 10, "5", {"input_tokens": 100_000, "output_tokens": 0})
+    summary = s.summary()
+    assert 5 <= summary["spent_usd"] <= 5 + 10 * per_request + 1e-9
+    assert summary["stopped"] >= 1 and all(r.label == "spending_cap" for r in s.done if r.outcome == "stopped")
+    assert summary["stopped"] + summary["graded"] + summary["skipped"] == 12
+
+
+def test_a_cap_below_the_prior_estimate_still_completes_cheap_runs(tmp_path):
+    s = capped_sweep(tmp_path, 5, 5, "0.5", None, steps=2)  # the prior estimate of a haiku run is $0.54
+    assert len(s.done) == 5 and s.skipped == 0 and all(r.outcome == "fail" for r in s.done)
 
 
 def test_an_unknown_model_with_a_cap_is_refused(tmp_path, monkeypatch):
@@ -173,3 +206,63 @@ def test_report_html_holds_every_run_and_level_with_the_summary_numbers(tmp_path
     for row in runs:
         transcript = tmp_path / f"run-{int(row[0].split()[1]):03d}" / "transcript.html"
         assert f"{row[3].upper()} {row[4]}</h1>" in transcript.read_text()
+
+
+def offline_sweep(*flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-u", "main.py", *flags], cwd=ROOT, capture_output=True, text=True,
+                          check=False)
+
+
+@pytest.fixture
+def finished(tmp_path) -> Path:
+    out = tmp_path / "sweep"
+    r = offline_sweep("--offline", "--level", "1", "--max-cost", "0", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_resume_redoes_a_run_whose_record_a_crash_cut_short(finished):
+    results = finished / "results.jsonl"
+    lines = results.read_text().splitlines()
+    results.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][: len(lines[-1]) // 2])
+    r = offline_sweep("--resume", str(finished))
+    assert r.returncode == 0 and "offline check OK" in r.stdout, r.stdout + r.stderr
+    assert "line 4: not a whole record" in r.stderr and "1 runs of level 1" in r.stdout
+
+
+def test_resume_retries_errors_and_keeps_passes_and_fails(finished):
+    results = finished / "results.jsonl"
+    records = lines_of(results)
+    records[1] |= {"outcome": "error", "label": "api_error"}
+    results.write_text("".join(json.dumps(r) + "\n" for r in records))
+    r = offline_sweep("--resume", str(finished))
+    assert r.returncode == 0 and "1 runs of level 1" in r.stdout and "3 kept from before" in r.stdout, r.stdout
+    latest = {(x["level"], x["seed"]): x for x in lines_of(results)}
+    assert latest[1, records[1]["seed"]]["outcome"] == "fail"  # rerun: the scripted wrong conversion again
+
+
+def test_resume_refuses_flags_that_differ_and_takes_a_new_cap(finished):
+    r = offline_sweep("--resume", str(finished), "--runs", "20", "--levels", "1-3")
+    assert r.returncode == 2 and "--runs (saved 10)" in r.stderr and "--levels (saved [1])" in r.stderr
+    opts = main.parse_args(["--resume", str(finished)])
+    assert opts.max_cost == 0 and opts.levels == [1]  # the saved cap: none
+    assert main.main(["--resume", str(finished), "--max-cost", "7"]) == 0
+    assert json.loads((finished / "config.json").read_text())["max_cost"] == 7
+
+
+def test_resume_with_keys_missing_from_config_uses_the_defaults(finished, capsys):
+    config = json.loads((finished / "config.json").read_text())
+    del config["thinking"], config["max_steps"]
+    (finished / "config.json").write_text(json.dumps(config))
+    opts = main.parse_args(["--resume", str(finished)])
+    assert opts.thinking == 0 and opts.max_steps == main.task.DEFAULT_MAX_STEPS and opts.levels == [1]
+    assert "config.json has no max_steps, thinking; using the default" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [(["--seed", "-1"], "non-negative"), (["--level", "10"], "invalid choice"),
+                                            (["--runs", "0"], "must be positive"), (["--concurrency", "-2"], "positive"),
+                                            (["--levels", "0-3"], "levels must lie in 1-9")])
+def test_bad_flags_are_refused_with_a_clear_message(flags, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main.parse_args(flags)
+    assert e.value.code == 2 and message in capsys.readouterr().err
