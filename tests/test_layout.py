@@ -1,0 +1,58 @@
+"""The project's shape: one-way imports, and documentation whose links resolve."""
+import ast
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MODULES = {p.relative_to(ROOT).with_suffix("").as_posix().replace("/", "."): p
+           for p in [*ROOT.glob("*.py"), *ROOT.glob("data/*.py")] if p.stem != "__init__"}
+
+
+def project_imports(path: Path) -> set[str]:
+    """The project modules a file imports, at any depth of its code."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+            [node.module] + [f"{node.module}.{a.name}" for a in node.names] \
+            if isinstance(node, ast.ImportFrom) and node.module else []
+        found |= {n for n in names if n in MODULES}
+    return found - {path.relative_to(ROOT).with_suffix("").as_posix().replace("/", ".")}
+
+
+def test_no_module_imports_one_that_imports_it_back():
+    graph = {name: project_imports(path) for name, path in MODULES.items()}
+
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        return any(n == goal or (n not in seen and reaches(n, goal, seen | {n})) for n in graph[start])
+    cycles = [name for name in graph if reaches(name, name, {name})]
+    assert cycles == []
+
+
+def test_the_contract_imports_only_what_it_states():
+    assert project_imports(MODULES["task"]) <= {"data.megatron_checkpoint", "data.source_model"}
+    assert project_imports(MODULES["grader"]) <= {"task", "conversions", "data.target_model", "data"}
+
+
+def anchors(markdown: str) -> set[str]:
+    """GitHub's ids for a page's headings."""
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+            for h in re.findall(r"^#+ (.+)$", markdown, re.M)}
+
+
+def test_every_link_in_the_readme_and_docs_resolves():
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    assert len(pages) >= 6
+    for page in pages:
+        text = page.read_text()
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if target.startswith(("http://", "https://")):
+                continue
+            path, _, anchor = target.partition("#")
+            resolved = (page.parent / path).resolve() if path else page
+            assert resolved.exists(), f"{page.name}: {target}"
+            if anchor:
+                assert anchor in anchors(resolved.read_text()), f"{page.name}: {target}"
+
+
+def test_the_readme_is_a_front_page():
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 200
