@@ -36,7 +36,7 @@ def test_the_contract_imports_only_what_it_states():
 def anchors(markdown: str) -> set[str]:
     """GitHub's ids for a page's headings."""
     return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
-            for h in re.findall(r"^#+ (.+)$", markdown, re.M)}
+            for h in re.findall(r"^#+ (.+)$", markdown, re.MULTILINE)}
 
 
 def test_every_link_in_the_readme_and_docs_resolves():

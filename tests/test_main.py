@@ -280,3 +280,10 @@ def test_hostile_tool_inputs_and_files_end_as_a_labelled_fail_not_an_error(tmp_p
     assert (run.outcome, run.label) == ("fail", "unreadable"), run.detail
     outputs = [results_of(r)[0]["content"] for r in client.requests[1:]]
     assert "restarted" in outputs[2] and "Not submitted" in outputs[4] and "Not submitted" in outputs[5]
+
+
+def test_run_lines_keep_one_column_for_steps_whatever_the_label():
+    ends = [("pass", "pass"), ("fail", "shared_expert_scaling"), ("stopped", "spending_cap"), ("error", "ungradable")]
+    lines = [main.run_line(main.Run(0, 0, 7, outcome, label)) for outcome, label in ends]
+    assert len({line.index(" steps ") for line in lines}) == 1
+    assert all(len(label) <= main.LABEL_WIDTH for label in [*MISTAKES, "context_overflow", "harness_error"])
