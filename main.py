@@ -395,8 +395,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="extended thinking with this budget per reply, at least 1024 and below --max-tokens "
                         "(default 0: off)")
     p.add_argument("--max-cost", type=float, default=DEFAULT_MAX_COST,
-                   help=f"USD: no run starts once the spend plus the expected cost of the runs in flight would pass "
-                        f"it; 0 for no cap (default {DEFAULT_MAX_COST:g})")
+                   help=f"USD for the whole sweep: no request is sent once the spend reaches it, so it is passed by at "
+                        f"most the requests in flight; 0 for no cap (default {DEFAULT_MAX_COST:g})")
     p.add_argument("--out", type=Path, help="output directory (default runs/<timestamp>/)")
     p.add_argument("--resume", type=Path, metavar="DIR",
                    help=f"finish the sweep in DIR with its saved flags, keeping the passes and fails in its {RESULTS} "
@@ -432,9 +432,10 @@ def restore(p: argparse.ArgumentParser, opts: argparse.Namespace, given: set[str
     saved one, except --max-cost, which is replaced; a key missing from the file gets its default."""
     try:
         saved = json.loads((opts.resume / "config.json").read_text())
-        assert isinstance(saved, dict)
-    except (OSError, ValueError, AssertionError) as e:
-        p.error(f"--resume {opts.resume}: cannot read its config.json ({e or 'not an object'})")
+    except (OSError, ValueError) as e:
+        p.error(f"--resume {opts.resume}: cannot read its config.json ({e})")
+    if not isinstance(saved, dict):
+        p.error(f"--resume {opts.resume}: its config.json is not a JSON object")
     if "out" in given:
         p.error("--resume DIR writes into DIR: drop --out")
     missing = [k for k in SWEEP_FLAGS if k not in saved]
@@ -442,6 +443,7 @@ def restore(p: argparse.ArgumentParser, opts: argparse.Namespace, given: set[str
         print(f"--resume {opts.resume}: config.json has no {', '.join(missing)}; using the default", file=sys.stderr)
     values = {k: saved.get(k, p.get_default(k)) for k in SWEEP_FLAGS}
     values["levels"] = values["levels"] or [task.DEFAULT_LEVEL]
+    given = given | {"levels"} if "level" in given else given  # --level N stands for --levels N
     differ = [k for k in given & set(SWEEP_FLAGS) - {"max_cost"} if getattr(opts, k) != values[k]]
     if differ:
         p.error(f"--resume {opts.resume} runs the saved sweep; these flags differ from it: "
@@ -527,8 +529,9 @@ def main(argv: list[str] | None = None) -> int:
     latest = {(r.level, r.seed): r for r in records}  # a run started over is recorded again
     previous = [r for r in latest.values() if r.outcome in ("pass", "fail")]  # the rest start over
     kept = {(r.level, r.seed) for r in previous}
+    kept_records = {id(r) for r in previous}  # every other record's spend still counts against the cap
     spent_before = 0.0 if opts.offline else sum(report.estimated_cost(opts.model, r.usage) or 0.0 for r in records
-                                                if (r.level, r.seed) not in kept or r is not latest[r.level, r.seed])
+                                                if id(r) not in kept_records)
     todo = [(run, name, script) for run, name, script in planned if (run.level, run.seed) not in kept]
     if opts.offline:
         from scripted_api import ScriptedClient

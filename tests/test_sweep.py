@@ -244,6 +244,8 @@ def test_resume_retries_errors_and_keeps_passes_and_fails(finished):
 def test_resume_refuses_flags_that_differ_and_takes_a_new_cap(finished):
     r = offline_sweep("--resume", str(finished), "--runs", "20", "--levels", "1-3")
     assert r.returncode == 2 and "--runs (saved 10)" in r.stderr and "--levels (saved [1])" in r.stderr
+    r = offline_sweep("--resume", str(finished), "--level", "3")
+    assert r.returncode == 2 and "--levels (saved [1])" in r.stderr
     opts = main.parse_args(["--resume", str(finished)])
     assert opts.max_cost == 0 and opts.levels == [1]  # the saved cap: none
     assert main.main(["--resume", str(finished), "--max-cost", "7"]) == 0
