@@ -175,7 +175,8 @@ def build_prompt(level: int, max_steps: int | None, graded_file: str | None = No
     args, shown = LEVELS[level].args, LEVELS[level].shown
     pp, ep = args["pipeline_model_parallel_size"] > 1, args["expert_model_parallel_size"] > 1
     rank = "mp_rank_TT" + "_PPP" * pp + "_EEE" * ep
-    ranks = "tensor-" + ", pipeline-" * pp + " and expert-" * ep + "parallel rank"
+    kinds = ["tensor", *["pipeline"] * pp, *["expert"] * ep]
+    ranks = ("-, ".join(kinds[:-1]) + "- and " if len(kinds) > 1 else "") + kinds[-1] + "-parallel rank"
     optimizer = ("\n  Beside each, distrib_optim.npz: the distributed optimizer's saved parameter state, a\n"
                  "  nested object flattened to keys joined with \"/\" (list entries by index, None entries\n"
                  "  left out). The original model is the one whose weights are the fp32 main parameters\n"
