@@ -92,13 +92,17 @@ def convert(files: Files, args: dict, config: dict, mistake: str | None = None,
     if mistake is not None and mistake not in MISTAKES:
         raise ValueError(f"unknown mistake {mistake!r}")
     if mistake == "bf16_decode":
-        files = {r: {k: v.astype(np.float64) for k, v in f.items()} for r, f in files.items()}
+        values = {r: {k: v.astype(np.float64) for k, v in f.items()} for r, f in files.items()}
     elif optimizer and mistake != "main_params":
-        files = {r: {k: v.astype(np.float64) for k, v in f.items()}
-                 for r, f in main_params(files, optimizer, args, mistake).items()}
+        values = main_params(files, optimizer, args, mistake)
     else:
-        files = {r: {k: (v.astype(np.uint32) << 16).view(np.float32).astype(np.float64) for k, v in f.items()}
-                 for r, f in files.items()}
+        values = {r: {k: (v.astype(np.uint32) << 16).view(np.float32) for k, v in f.items()} for r, f in files.items()}
+    return convert_values(values, args, config, mistake)
+
+
+def convert_values(files: Files, args: dict, config: dict, mistake: str | None = None) -> dict[str, np.ndarray]:
+    """Each rank's original weights, as numbers -> runtime weights (float64)."""
+    files = {r: {k: v.astype(np.float64) for k, v in f.items()} for r, f in files.items()}
     H, d, V = args["hidden_size"], args["kv_channels"], args["vocab_size"]
     heads, groups = args["num_attention_heads"], args["num_query_groups"]
     tp, pp, per_group = args["tensor_model_parallel_size"], args["pipeline_model_parallel_size"], heads // groups

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from conftest import reference
 
-from conversions import convert
+from conversions import convert, convert_values
 from data import source_model
 from grader import grade
 from task import ROUTING_MARGIN, build_prompt, make_instance, original_logits, token_sequences, write_workspace
@@ -121,6 +121,34 @@ def source_model_bits(x: np.ndarray) -> np.ndarray:
     bits = x.astype(np.float32).view(np.uint32)
     rounded = bits + 0x7FFF + ((bits >> 16) & 1)
     return (rounded >> 16).astype(np.uint16)
+
+
+def matched_main_params(inst) -> dict:
+    """Another correct way in, with no layout knowledge: find each bf16 weight as the rounded copy
+    of a run of fp32 values in its rank's optimizer buffers."""
+    out = {}
+    for (t, p, e), tensors in inst.files.items():
+        states = {**inst.optimizer[t, p, 0], **inst.optimizer[t, p, e]}
+        buffers = [v for k, v in states.items() if k.endswith("/param")]
+        out[t, p, e] = {}
+        for name, bits in tensors.items():
+            flat = bits.ravel()
+            for buf in buffers:
+                rounded = source_model_bits(buf)
+                starts = np.flatnonzero(rounded[: len(rounded) - flat.size + 1] == flat[0])
+                hit = next((i for i in starts if np.array_equal(rounded[i:i + flat.size], flat)), None)
+                if hit is not None:
+                    out[t, p, e][name] = buf[hit:hit + flat.size].reshape(bits.shape)
+                    break
+            assert name in out[t, p, e], name
+    return out
+
+
+def test_weights_matched_against_the_optimizer_buffers_pass(save):
+    inst = make_instance(8, 11)
+    weights = convert_values(matched_main_params(inst), inst.args, inst.config)
+    g = grade(save(weights), 8, 11)
+    assert g.passed, g
 
 
 @pytest.mark.parametrize("level", [8, 9])
