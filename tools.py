@@ -19,6 +19,7 @@ import stat
 import subprocess
 import sys
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path, PurePosixPath
 
 from limits import Cgroup, cgroups_usable, userns_filter, workspace_bytes
@@ -118,20 +119,22 @@ def bwrap_usable() -> bool:
     return probe.returncode == 0
 
 
-def hidden_paths() -> list[str]:
+@cache  # the host's package directories do not change while the harness runs
+def hidden_paths() -> tuple[str, ...]:
     """Where the system paths would show the harness's environment: every site- and dist-packages
     directory (its dependencies, and this project's own metadata) and the project itself."""
     found = {*site.getsitepackages(), site.getusersitepackages(), str(PROJECT)}
     for root in SYSTEM_PATHS:
         for pattern in ("lib/python3*/*-packages", "local/lib/python3*/*-packages", "python3*/*-packages"):
             found.update(glob.glob(f"{root}/{pattern}"))
-    return sorted(p for p in found if os.path.isdir(p) and any(Path(p).is_relative_to(r) for r in SYSTEM_PATHS))
+    return tuple(sorted(p for p in found if os.path.isdir(p) and any(Path(p).is_relative_to(r) for r in SYSTEM_PATHS)))
 
 
-def numpy_dirs() -> list[Path]:
+@cache
+def numpy_dirs() -> tuple[Path, ...]:
     """numpy's package directory, and the directory of the libraries its wheel bundles."""
     package = Path(importlib.util.find_spec("numpy").submodule_search_locations[0])
-    return [d for d in (package, package.with_name("numpy.libs")) if d.is_dir()]
+    return tuple(d for d in (package, package.with_name("numpy.libs")) if d.is_dir())
 
 
 def bwrap_prefix(workspace: Path) -> list[str]:
