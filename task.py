@@ -90,8 +90,7 @@ def make_instance(level: int, seed: int) -> Instance:
     heads, groups = HEAD_LAYOUTS[rng.integers(len(HEAD_LAYOUTS))]
     d, hidden = int(rng.choice([16, 24])), int(rng.choice([48, 64]))
     ffn, vocab = int(rng.choice([64, 96, 128])), int(rng.integers(200, 250))
-    tp, pp = level_args["tensor_model_parallel_size"], level_args["pipeline_model_parallel_size"]
-    layers = level_args["num_layers"]
+    tp, pp, layers = (level_args[k] for k in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "num_layers"))
     world = tp * pp * level_args["expert_model_parallel_size"]  # expert data-parallel size 1
     args = {"hidden_size": hidden, "ffn_hidden_size": ffn, "num_attention_heads": heads, "group_query_attention": True,
             "num_query_groups": groups, "kv_channels": d, "normalization": "RMSNorm", "norm_epsilon": 1e-5,
@@ -151,12 +150,11 @@ def original_logits(original: Checkpoint, tokens: np.ndarray, rng: np.random.Gen
 
 def write_workspace(workspace: str | Path, inst: Instance) -> None:
     ws, iteration = Path(workspace), inst.args["train_iters"]
-    (ws / "checkpoint").mkdir(parents=True, exist_ok=True)
-    (ws / "checkpoint" / "latest_checkpointed_iteration.txt").write_text(str(iteration))
     for name, files in (("model_optim_rng.npz", inst.files), ("distrib_optim.npz", inst.optimizer)):
         for rank, tensors in files.items():
             (ws / "checkpoint" / rank_file(inst.args, *rank, iteration)).parent.mkdir(parents=True, exist_ok=True)
             np.savez(ws / "checkpoint" / rank_file(inst.args, *rank, iteration, name), **tensors)
+    (ws / "checkpoint" / "latest_checkpointed_iteration.txt").write_text(str(iteration))
     (ws / "megatron_args.json").write_text(json.dumps(inst.args, indent=2) + "\n")
     (ws / "config.json").write_text(json.dumps(inst.config, indent=2) + "\n")
     shutil.copy(DATA / "target_model.py", ws / "target_model.py")
@@ -274,8 +272,7 @@ def main() -> None:
     print(build_prompt(a.level, a.max_steps))
 
 
-def non_negative(text: str) -> int:
-    """argparse type for seeds."""
+def non_negative(text: str) -> int:  # argparse type for seeds
     if not text.isdigit():
         raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}")
     return int(text)
