@@ -62,26 +62,30 @@ def buffer_layout(names: list[str], sizes: list[int], mistake: str | None = None
     return starts, end
 
 
+def buffers(tensors: dict[str, np.ndarray], args: dict, expert: bool,
+            mistake: str | None = None) -> list[tuple[dict[str, int], int]]:
+    """One rank's dense (or expert) grad buffers, in optimizer order: one per model chunk that has
+    such parameters (a chunk without them has none), each as buffer_layout gives it."""
+    vpp, out = args["virtual_pipeline_model_parallel_size"], []
+    for c in range(vpp or 1):
+        names = [k for k in tensors if k.startswith(f"model{c}." if vpp else "") and (".experts.weight" in k) == expert]
+        if names:
+            out.append(buffer_layout(names, [tensors[k].size for k in names], mistake))
+    return out
+
+
 def main_params(files: Files, optimizer: Files, args: dict, mistake: str | None) -> Files:
     """Each rank's fp32 main parameters, read from the distrib_optim states through the buffer layout."""
     out = {}
-    vpp = args["virtual_pipeline_model_parallel_size"]
     for (t, p, e), tensors in files.items():
         out[t, p, e] = {}
         for index, expert in enumerate((False, True)):
             # Only expert rank 0's file holds the dense optimizer; each expert rank's holds its experts.
             state = optimizer[t, p, 0 if not expert or mistake == "optimizer_chain" else e]
-            buffer = 0
-            for c in range(vpp or 1):
-                names = [k for k in tensors if k.startswith(f"model{c}." if vpp else "")
-                         and (".experts.weight" in k) == expert]
-                if not names:
-                    continue  # a chunk without such parameters has no buffer
-                starts, _ = buffer_layout(names, [tensors[k].size for k in names], mistake)
+            for buffer, (starts, _) in enumerate(buffers(tensors, args, expert, mistake)):
                 flat = state[f"{index}/{buffer}/bfloat16,float32/param"]
-                for k in names:
-                    out[t, p, e][k] = flat[starts[k]:starts[k] + tensors[k].size].reshape(tensors[k].shape)
-                buffer += 1
+                for k, start in starts.items():
+                    out[t, p, e][k] = flat[start:start + tensors[k].size].reshape(tensors[k].shape)
     return out
 
 

@@ -8,7 +8,7 @@ saved state dict.
 """
 import numpy as np
 
-from conversions import buffer_layout
+from conversions import buffers
 from data.source_model import chunks, ranks
 
 Files = dict[tuple[int, int, int], dict[str, np.ndarray]]  # (tensor, pipeline, expert) rank -> tensors
@@ -92,17 +92,6 @@ def random_files(args: dict, rng: np.random.Generator) -> Files:
 
 def to_bf16(files: Files) -> Files:
     return {rank: {k: float_to_bf16(v) for k, v in tensors.items()} for rank, tensors in files.items()}
-
-
-def buffers(tensors: dict[str, np.ndarray], args: dict, expert: bool) -> list[tuple[dict[str, int], int]]:
-    """One rank's dense (or expert) grad buffers: one per model chunk that has such parameters."""
-    out = []
-    for c in range(args["virtual_pipeline_model_parallel_size"] or 1):
-        prefix = f"model{c}." if args["virtual_pipeline_model_parallel_size"] else ""
-        names = [k for k in tensors if k.startswith(prefix) and (".experts.weight" in k) == expert]
-        if names:
-            out.append(buffer_layout(names, [tensors[k].size for k in names]))
-    return out
 
 
 def optimizer_files(args: dict, main: Files, rng: np.random.Generator) -> Files:
