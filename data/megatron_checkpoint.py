@@ -8,11 +8,8 @@ saved state dict.
 """
 import numpy as np
 
-from conversions import buffers
+from conversions import Files, buffers
 from data.source_model import chunks, ranks
-
-Files = dict[tuple[int, int, int], dict[str, np.ndarray]]  # (tensor, pipeline, expert) rank -> tensors
-ADAM = ("exp_avg", "exp_avg_sq")
 
 
 def float_to_bf16(x: np.ndarray) -> np.ndarray:
