@@ -23,7 +23,7 @@ from functools import cache
 from pathlib import Path, PurePosixPath
 
 from limits import Cgroup, cgroups_usable, userns_filter, workspace_bytes
-from task import (
+from task import (  # the limits the task states to the model, enforced here
     CALL_TIMEOUT_S,
     CPU_SECONDS,
     MAX_PROCESSES,
@@ -34,7 +34,6 @@ from task import (
     WORKSPACE_QUOTA_BYTES,
 )
 
-# The limits the task states to the model (task.py) are enforced here.
 MAX_FILE_BYTES = 256 * 2**20
 # Output and error message are each cut to OUTPUT_LIMIT; a character takes at most 6 bytes in the
 # worker's JSON (a control character as \u00XX).
