@@ -15,7 +15,8 @@ MISTAKES = {"bf16_decode": 1, "qkv_split": 1, "gate_up_order": 1, "rope_permutat
             "vpp_layer_order": 6, "zero_centered_norm": 6, "untied_output": 6, "expert_id": 7,
             "grouped_gemm_layout": 7, "expert_tp_merge": 7, "router_scaling": 7, "shared_expert_scaling": 7,
             "main_params": 8, "buffer_order": 8, "param_alignment": 8, "registration_order": 8,
-            "optimizer_chain": 8}
+            "optimizer_chain": 8, "gdn_tp_merge": 10, "qkvz_grouping": 10, "conv_channels": 10,
+            "gdn_decay_split": 10, "gated_norm_offset": 10, "output_gate_layout": 10, "layer_pattern": 10}
 
 Files = dict[tuple[int, int, int], dict[str, np.ndarray]]  # (tensor, pipeline, expert) rank -> tensors
 
@@ -65,10 +66,13 @@ def buffer_layout(names: list[str], sizes: list[int], mistake: str | None = None
 def buffers(tensors: dict[str, np.ndarray], args: dict, expert: bool,
             mistake: str | None = None) -> list[tuple[dict[str, int], int]]:
     """One rank's dense (or expert) grad buffers, in optimizer order: one per model chunk that has
-    such parameters (a chunk without them has none), each as buffer_layout gives it."""
+    such parameters (a chunk without them has none), each as buffer_layout gives it. Extra states
+    are not parameters; expert weights set `allreduce = False` only under expert parallelism, and
+    DDP puts such parameters in the expert buffer."""
     vpp, out = args["virtual_pipeline_model_parallel_size"], []
     for c in range(vpp or 1):
-        names = [k for k in tensors if k.startswith(f"model{c}." if vpp else "") and (".experts.weight" in k) == expert]
+        names = [k for k in tensors if k.startswith(f"model{c}." if vpp else "") and not k.endswith("_extra_state")
+                 and (".experts.weight" in k and args["expert_model_parallel_size"] > 1) == expert]
         if names:
             out.append(buffer_layout(names, [tensors[k].size for k in names], mistake))
     return out
@@ -82,11 +86,17 @@ def main_params(files: Files, optimizer: Files, args: dict, mistake: str | None)
         for index, expert in enumerate((False, True)):
             # Only expert rank 0's file holds the dense optimizer; each expert rank's holds its experts.
             state = optimizer[t, p, 0 if not expert or mistake == "optimizer_chain" else e]
-            for buffer, (starts, _) in enumerate(buffers(tensors, args, expert, mistake)):
+            for buffer, (starts, numel) in enumerate(buffers(tensors, args, expert, mistake)):
                 flat = state[f"{index}/{buffer}/bfloat16,float32/param"]
+                flat = np.concatenate([flat, np.zeros(max(0, numel - flat.size))])  # a wrong layout may read past the end
                 for k, start in starts.items():
                     out[t, p, e][k] = flat[start:start + tensors[k].size].reshape(tensors[k].shape)
     return out
+
+
+# The mistakes made while reading the weights' values; the others are made in converting them.
+READING_MISTAKES = {"bf16_decode", "main_params", "buffer_order", "param_alignment", "registration_order",
+                    "optimizer_chain"}
 
 
 def convert(files: Files, args: dict, config: dict, mistake: str | None = None,
@@ -95,25 +105,31 @@ def convert(files: Files, args: dict, config: dict, mistake: str | None = None,
     states) -> runtime weights (float64)."""
     if mistake is not None and mistake not in MISTAKES:
         raise ValueError(f"unknown mistake {mistake!r}")
+    return convert_values(read_values(files, args, optimizer, mistake), args, config, mistake)
+
+
+def read_values(files: Files, args: dict, optimizer: Files | None, mistake: str | None = None) -> Files:
+    """Each rank's weights as numbers: the fp32 main parameters if there is an optimizer state,
+    else the decoded bf16 weights. TE's _extra_state entries are not weights."""
+    files = {r: {k: v for k, v in f.items() if not k.endswith("_extra_state")} for r, f in files.items()}
     if mistake == "bf16_decode":
-        values = {r: {k: v.astype(np.float64) for k, v in f.items()} for r, f in files.items()}
-    elif optimizer and mistake != "main_params":
-        values = main_params(files, optimizer, args, mistake)
-    else:
-        values = {r: {k: (v.astype(np.uint32) << 16).view(np.float32) for k, v in f.items()} for r, f in files.items()}
-    return convert_values(values, args, config, mistake)
+        return {r: {k: v.astype(np.float64) for k, v in f.items()} for r, f in files.items()}
+    if optimizer and mistake != "main_params":
+        return main_params(files, optimizer, args, mistake)
+    return {r: {k: (v.astype(np.uint32) << 16).view(np.float32).astype(np.float64) for k, v in f.items()}
+            for r, f in files.items()}
 
 
 def convert_values(files: Files, args: dict, config: dict, mistake: str | None = None) -> dict[str, np.ndarray]:
     """Each rank's original weights, as numbers -> runtime weights (float64)."""
-    files = {r: {k: v.astype(np.float64) for k, v in f.items()} for r, f in files.items()}
+    files = {r: {k: v.astype(np.float64, copy=False) for k, v in f.items()} for r, f in files.items()}
     H, d, V = args["hidden_size"], args["kv_channels"], args["vocab_size"]
     heads, groups = args["num_attention_heads"], args["num_query_groups"]
     tp, pp, per_group = args["tensor_model_parallel_size"], args["pipeline_model_parallel_size"], heads // groups
 
     def norm(w: np.ndarray) -> np.ndarray:
         """Megatron's norm weight -> the runtime's: the multiplier, or its offset from 1."""
-        scale = 1.0 + w if args["apply_layernorm_1p"] and mistake != "zero_centered_norm" else w
+        scale = 1.0 + w if args["layernorm_zero_centered_gamma"] and mistake != "zero_centered_norm" else w
         return scale - 1.0 if config["norm_weight_offset"] and mistake != "norm_offset" else scale
 
     # Interleaved rotary pairs (2i, 2i+1) -> half-split pairs (i, i + rot/2), rotated dims only.
@@ -126,13 +142,26 @@ def convert_values(files: Files, args: dict, config: dict, mistake: str | None =
     if config["kv_head_sharing"] == "tile" and mistake != "kv_sharing":
         order = np.array([g * per_group + j for j in range(per_group) for g in range(groups)])
 
-    def split_qkv(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Fused (groups * (per_group + 2) * d, ...) -> q (heads, d, ...), k and v (groups, d, ...)."""
+    gated = args["attention_output_gate"]
+
+    def split_qkv(x: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Fused, per group [q heads, their gates if gated, k, v] -> q and gate (heads, d, ...), k and v
+        (groups, d, ...)."""
         if mistake == "qkv_split":
-            q, k, v = np.split(x, [heads * d, (heads + groups) * d])
-            return q.reshape(heads, d, *x.shape[1:]), k.reshape(groups, d, *x.shape[1:]), v.reshape(groups, d, *x.shape[1:])
-        x = x.reshape(groups, per_group + 2, d, *x.shape[1:])
-        return x[:, :per_group].reshape(heads, d, *x.shape[3:]), x[:, per_group], x[:, per_group + 1]
+            q, gate, k, v = np.split(x, np.cumsum([heads * d, gated * heads * d, groups * d]))
+            return tuple(t.reshape(-1, d, *x.shape[1:]) for t in (q, gate, k, v))
+        x = x.reshape(groups, (1 + gated) * per_group + 2, d, *x.shape[1:])
+        q, gate = (x[:, i * per_group:(i + 1) * per_group].reshape(heads, d, *x.shape[3:]) for i in (0, gated))
+        return q, gate, x[:, -2], x[:, -1]
+
+    def with_gate(q: np.ndarray, gate: np.ndarray) -> np.ndarray:
+        """Runtime q_proj rows: per head [query; gate] when gated (runtime head order)."""
+        if not gated:
+            return q
+        q, gate = q.reshape(heads, d, *q.shape[1:]), gate[order]
+        if mistake == "output_gate_layout":  # all queries, then all gates
+            return np.concatenate([q, gate]).reshape(-1, *q.shape[2:])
+        return np.concatenate([q, gate], axis=1).reshape(-1, *q.shape[2:])
 
     def q_k(q: np.ndarray, k: np.ndarray, permute: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """Per-head tensors in Megatron order -> flattened runtime q and k."""
@@ -154,24 +183,32 @@ def convert_values(files: Files, args: dict, config: dict, mistake: str | None =
         return {t + "gate_proj.weight": gate, t + "up_proj.weight": up, t + "down_proj.weight": down * scale}
 
     layers, first, last = layer_files(files, args, mistake)
+    if mistake == "layer_pattern":  # full attention taken to sit where i % freq == 0, not (i + 1) % freq == 0
+        full = [lay for lay in layers if "self_attention.linear_qkv.weight" in lay[0][0]]
+        linear = [lay for lay in layers if "self_attention.linear_qkv.weight" not in lay[0][0]]
+        layers = [(full if i % args["linear_attention_freq"] == 0 else linear).pop(0) for i in range(len(layers))]
     out = {}
     for i, shards in enumerate(layers):
         ranks, t = shards[0], f"model.layers.{i}."
-        q, k, v = split_qkv(np.concatenate([r["self_attention.linear_qkv.weight"] for r in ranks]))
-        out[t + "self_attn.q_proj.weight"], out[t + "self_attn.k_proj.weight"] = q_k(q, k)
-        out[t + "self_attn.v_proj.weight"] = v.reshape(-1, H)
-        if args["add_qkv_bias"]:
-            q, k, v = split_qkv(np.concatenate([r["self_attention.linear_qkv.bias"] for r in ranks]))
-            out[t + "self_attn.q_proj.bias"], out[t + "self_attn.k_proj.bias"] = q_k(q, k, mistake != "qkv_bias")
-            out[t + "self_attn.v_proj.bias"] = v.reshape(-1)
-        if args["qk_layernorm"]:
-            q = np.tile(ranks[0]["self_attention.q_layernorm.weight"], (heads, 1))
-            k = ranks[0]["self_attention.k_layernorm.weight"][None]
-            q, k = q_k(q, k, mistake != "qk_norm")
-            out[t + "self_attn.q_norm.weight"], out[t + "self_attn.k_norm.weight"] = norm(q[:d]), norm(k)
-        proj = np.concatenate([r["self_attention.linear_proj.weight"] for r in ranks], axis=1).reshape(H, heads, d)
-        out[t + "self_attn.o_proj.weight"] = proj[:, order].reshape(H, heads * d)
-        out[t + "input_layernorm.weight"] = norm(ranks[0]["self_attention.linear_qkv.layer_norm_weight"])
+        if "self_attention.in_proj.weight" in ranks[0]:
+            out |= gated_delta_net(ranks, args, t, mistake)
+            out[t + "input_layernorm.weight"] = norm(ranks[0]["self_attention.in_proj.layer_norm_weight"])
+        else:
+            q, gate, k, v = split_qkv(np.concatenate([r["self_attention.linear_qkv.weight"] for r in ranks]))
+            q, out[t + "self_attn.k_proj.weight"] = q_k(q, k)
+            out[t + "self_attn.q_proj.weight"], out[t + "self_attn.v_proj.weight"] = with_gate(q, gate), v.reshape(-1, H)
+            if args["add_qkv_bias"]:
+                q, gate, k, v = split_qkv(np.concatenate([r["self_attention.linear_qkv.bias"] for r in ranks]))
+                q, out[t + "self_attn.k_proj.bias"] = q_k(q, k, mistake != "qkv_bias")
+                out[t + "self_attn.q_proj.bias"], out[t + "self_attn.v_proj.bias"] = with_gate(q, gate), v.reshape(-1)
+            if args["qk_layernorm"]:
+                q = np.tile(ranks[0]["self_attention.q_layernorm.weight"], (heads, 1))
+                k = ranks[0]["self_attention.k_layernorm.weight"][None]
+                q, k = q_k(q, k, mistake != "qk_norm")
+                out[t + "self_attn.q_norm.weight"], out[t + "self_attn.k_norm.weight"] = norm(q[:d]), norm(k)
+            proj = np.concatenate([r["self_attention.linear_proj.weight"] for r in ranks], axis=1).reshape(H, heads, d)
+            out[t + "self_attn.o_proj.weight"] = proj[:, order].reshape(H, heads * d)
+            out[t + "input_layernorm.weight"] = norm(ranks[0]["self_attention.linear_qkv.layer_norm_weight"])
         if "mlp.router.weight" in ranks[0]:
             out |= moe(shards, args, t + "mlp.", mistake)
             factor = args["moe_router_topk_scaling_factor"] if mistake == "shared_expert_scaling" else 1.0
@@ -221,6 +258,66 @@ def moe(shards: list[list[dict]], args: dict, t: str, mistake: str | None) -> di
             p = t + f"experts.{g}."
             out |= {p + "gate_proj.weight": gate.T, p + "up_proj.weight": up.T, p + "down_proj.weight": down.T * scale}
     return out
+
+
+def gated_delta_net(ranks: list[dict], args: dict, t: str, mistake: str | None) -> dict[str, np.ndarray]:
+    """One Gated DeltaNet layer's tensor-parallel shards -> the runtime's linear_attn tensors."""
+    p, tp, H = "self_attention.", len(ranks), args["hidden_size"]
+    nk, nv, dk, dv = (args[f"linear_{k}"] for k in ("num_key_heads", "num_value_heads", "key_head_dim", "value_head_dim"))
+    r = nv // nk
+
+    def merge(name: str, sizes: list[int], blocks: bool = True) -> list[np.ndarray]:
+        """Each rank holds its own share of every section: gather section j from every rank. With
+        blocks=False, the ranks' tensors are joined first and split as if unsharded."""
+        if not blocks:
+            return np.split(np.concatenate([w[p + name] for w in ranks]), np.cumsum(sizes)[:-1])
+        parts = [np.split(w[p + name], np.cumsum(sizes)[:-1] // tp) for w in ranks]
+        return [np.concatenate([part[j] for part in parts]) for j in range(len(sizes))]
+
+    q, k, v, z, b, a = merge("in_proj.weight", [nk * dk, nk * dk, nv * dv, nv * dv, nv, nv], mistake != "gdn_tp_merge")
+    if mistake == "qkvz_grouping":  # left as Megatron's sections, not grouped per key head
+        qkvz, ba = np.concatenate([q, k, v, z]), np.concatenate([b, a])
+    else:  # per key head: [q, k, its value heads' v, their z] and [their b, their a]
+        qkvz = np.concatenate([x.reshape(nk, -1, H) for x in (q, k, v, z)], axis=1).reshape(-1, H)
+        ba = np.concatenate([b.reshape(nk, r, H), a.reshape(nk, r, H)], axis=1).reshape(-1, H)
+    conv = np.concatenate([w[p + "conv1d.weight"] for w in ranks]) if mistake == "conv_channels" else \
+        np.concatenate(merge("conv1d.weight", [nk * dk, nk * dk, nv * dv]))
+
+    def per_head(name: str) -> np.ndarray:  # split by value head across ranks, like beta and alpha
+        return np.concatenate([ranks[0 if mistake == "gdn_decay_split" else i][p + name] for i in range(tp)])
+
+    # Megatron's out_norm applies 1 + w under zero-centred gamma; the runtime's gated norm applies w.
+    offset = args["layernorm_zero_centered_gamma"] and mistake not in ("gated_norm_offset", "zero_centered_norm")
+    a_ = t + "linear_attn."
+    return {a_ + "in_proj_qkvz.weight": qkvz, a_ + "in_proj_ba.weight": ba, a_ + "conv1d.weight": conv,
+            a_ + "A_log": per_head("A_log"), a_ + "dt_bias": per_head("dt_bias"),
+            a_ + "norm.weight": ranks[0][p + "out_norm.weight"] + offset,
+            a_ + "out_proj.weight": np.concatenate([w[p + "out_proj.weight"] for w in ranks], axis=1)}
+
+
+def explain(weights: dict[str, np.ndarray], reference: dict[str, np.ndarray], files: Files, args: dict,
+            config: dict, optimizer: Files | None, level: int) -> tuple[str, str]:
+    """(label, detail) for a failing submission: the known wrong conversion (first used at `level` or
+    before) that gives every tensor where `weights` differ from `reference` and changes no other;
+    "other" if none does, so that a label always says what happened."""
+    def same(a: np.ndarray, b: np.ndarray | None) -> bool:  # None: a conversion that does not write that tensor
+        return b is not None and a.shape == b.shape and (np.array_equal(a, b) or np.allclose(a, b, rtol=1e-3, atol=1e-6))
+
+    differing = [k for k in reference if not same(weights[k], reference[k])]
+    if not differing:
+        return "other", "every tensor is within rtol 1e-3 of the reference conversion, yet the logits miss"
+    values, scores = read_values(files, args, optimizer), {}  # values: shared by the mistakes not made in reading
+    for mistake in (m for m, first in MISTAKES.items() if first <= level):
+        read = read_values(files, args, optimizer, mistake) if mistake in READING_MISTAKES else values
+        wrong = convert_values(read, args, config, mistake)
+        explained = sum(same(weights[k], wrong.get(k)) for k in differing)
+        changed = sum(not same(reference[k], wrong.get(k)) for k in reference if k not in differing)
+        scores[mistake] = (explained == len(differing) and not changed, explained - changed)
+    best = max(scores, key=scores.get)
+    if not scores[best][0]:
+        return "other", (f"{len(differing)} tensors differ (first: {differing[0]}); no single known mistake gives "
+                         f"them all and only them (closest: {best})")
+    return best, f"the {len(differing)} tensors that differ are those of a conversion that gets {best} wrong"
 
 
 def read_files(ws: Path, args: dict, name: str = "model_optim_rng.npz") -> Files:

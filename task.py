@@ -14,7 +14,7 @@ from typing import NamedTuple
 import numpy as np
 
 from data.megatron_checkpoint import Files, optimizer_files, random_files, to_bf16
-from data.source_model import Checkpoint, bf16_to_float, forward, rank_file
+from data.source_model import Checkpoint, bf16_to_float, forward, linear_attention, rank_file
 
 DATA = Path(__file__).parent / "data"
 TOLERANCE = 1e-4  # max |logit difference| that passes
@@ -45,22 +45,24 @@ class Level(NamedTuple):
 _L1 = ({"num_layers": 2, "rotary_interleaved": False, "rotary_percent": 1.0, "qk_layernorm": False,
         "add_qkv_bias": False, "tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1,
         "virtual_pipeline_model_parallel_size": None, "expert_model_parallel_size": 1, "num_experts": None,
-        "moe_layer_freq": 1, "apply_layernorm_1p": False, "untie_embeddings_and_output_weights": False,
-        "use_distributed_optimizer": False},
+        "moe_layer_freq": 1, "layernorm_zero_centered_gamma": False, "untie_embeddings_and_output_weights": False,
+        "use_distributed_optimizer": False, "experimental_attention_variant": None, "attention_output_gate": False},
        {"kv_head_sharing": "repeat", "norm_weight_offset": False, "scale_embeddings": False})
 _L2 = ({**_L1[0], "rotary_interleaved": True}, {**_L1[1], "kv_head_sharing": "tile"})
 _L3 = ({**_L2[0], "rotary_percent": 0.5, "qk_layernorm": True, "add_qkv_bias": True},
        {**_L2[1], "norm_weight_offset": True, "scale_embeddings": True})
 _L4 = ({**_L3[0], "tensor_model_parallel_size": 2}, _L3[1])
 _L6 = ({**_L4[0], "num_layers": 4, "pipeline_model_parallel_size": 2, "virtual_pipeline_model_parallel_size": 2,
-        "apply_layernorm_1p": True, "untie_embeddings_and_output_weights": True}, _L4[1])
+        "layernorm_zero_centered_gamma": True, "untie_embeddings_and_output_weights": True}, _L4[1])
 _L7 = ({**_L6[0], "expert_model_parallel_size": 2, "num_experts": 4, "moe_layer_freq": [0, 1, 1, 1],
         "moe_router_topk": 2, "moe_router_pre_softmax": False, "moe_router_score_function": "softmax",
         "moe_grouped_gemm": True, "moe_use_legacy_grouped_gemm": True, "moe_shared_expert_gate": True}, _L4[1])
 _L8 = ({**_L7[0], "use_distributed_optimizer": True}, _L4[1])
+_L10 = ({**_L8[0], "experimental_attention_variant": "gated_delta_net", "linear_attention_freq": 4, "linear_conv_kernel_dim": 4,
+         "attention_output_gate": True, "linear_num_key_heads": 4, "linear_num_value_heads": 8}, {**_L4[1], "attn_output_gate": True})
 LEVELS = {1: Level(*_L1, "source"), 2: Level(*_L2, "source"), 3: Level(*_L3, "source"), 4: Level(*_L4, "source"),
           5: Level(*_L4, "reference"), 6: Level(*_L6, "reference"), 7: Level(*_L7, "reference"),
-          8: Level(*_L8, "reference"), 9: Level(*_L8, "nothing")}
+          8: Level(*_L8, "reference"), 9: Level(*_L8, "nothing"), 10: Level(*_L10, "reference"), 11: Level(*_L10, "nothing")}
 
 HEAD_LAYOUTS = [(6, 2), (8, 2), (8, 4), (12, 4)]  # (heads, kv groups); never heads == groups**2
 ITERATIONS = [500, 1000, 2000, 5000]  # the iteration the checkpoint was saved at
@@ -78,7 +80,8 @@ class Instance:
 
     def original(self) -> Checkpoint:
         """The original model for source_model.forward: the fp32 main parameters if any, else the bf16 weights."""
-        files = self.main or {r: {k: bf16_to_float(v) for k, v in f.items()} for r, f in self.files.items()}
+        files = self.main or {r: {k: bf16_to_float(v) for k, v in f.items() if v.dtype == np.uint16}
+                              for r, f in self.files.items()}
         return Checkpoint(self.args, {r: {k: v.astype(np.float64) for k, v in f.items()} for r, f in files.items()})
 
 
@@ -93,7 +96,7 @@ def make_instance(level: int, seed: int) -> Instance:
     tp, pp, layers = (level_args[k] for k in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "num_layers"))
     world = tp * pp * level_args["expert_model_parallel_size"]  # expert data-parallel size 1
     args = {"hidden_size": hidden, "ffn_hidden_size": ffn, "num_attention_heads": heads, "group_query_attention": True,
-            "num_query_groups": groups, "kv_channels": d, "normalization": "RMSNorm", "norm_epsilon": 1e-5,
+            "num_query_groups": groups, "kv_channels": d, "normalization": "RMSNorm", "layernorm_epsilon": 1e-5,
             "position_embedding_type": "rope", "rotary_base": 10000, **level_args, "expert_tensor_parallel_size": tp,
             "add_bias_linear": False, "swiglu": True, "vocab_size": vocab, "make_vocab_size_divisible_by": 128,
             "padded_vocab_size": -(-vocab // (128 * tp)) * 128 * tp, "seq_length": SEQ_LEN,
@@ -111,15 +114,18 @@ def make_instance(level: int, seed: int) -> Instance:
         args |= {"moe_ffn_hidden_size": tp * hidden, "moe_shared_expert_intermediate_size": ffn,
                  "moe_router_topk_scaling_factor": float(rng.choice([1.5, 2.0, 2.5, 3.0]))}
         config |= {"num_experts": args["num_experts"], "num_experts_per_tok": args["moe_router_topk"],
-                   "moe_intermediate_size": tp * hidden, "shared_expert_intermediate_size": ffn,
-                   "norm_topk_prob": True,
+                   "moe_intermediate_size": tp * hidden, "shared_expert_intermediate_size": ffn, "norm_topk_prob": True,
                    "mlp_only_layers": [i for i in range(layers) if not args["moe_layer_freq"][i]]}
+    if args["experimental_attention_variant"]:  # key and value head sizes differ, so no layout hides
+        args |= {"linear_key_head_dim": int(rng.choice([8, 16])), "linear_value_head_dim": 12}
+        config |= {k: v for k, v in args.items() if k.startswith("linear_") and k != "linear_attention_freq"}
+        config["layer_types"] = ["linear_attention" if linear_attention(args, i) else "full_attention" for i in range(layers)]
     values = random_files(args, rng)
     args["train_iters"] = int(rng.choice(ITERATIONS))  # the checkpoint is the one saved at the end
     if not args["use_distributed_optimizer"]:
         return Instance(level, seed, args, config, to_bf16(values), {}, {})
-    main = {r: {k: v.astype(np.float32) for k, v in f.items()} for r, f in values.items()}
-    return Instance(level, seed, args, config, to_bf16(main), optimizer_files(args, main, rng), main)
+    main = {r: {k: v.astype(np.float32) for k, v in f.items() if v.dtype != np.uint8} for r, f in values.items()}
+    return Instance(level, seed, args, config, to_bf16(values), optimizer_files(args, main, rng), main)
 
 
 def covering_rows(vocab: int, rng: np.random.Generator) -> np.ndarray:
@@ -157,10 +163,10 @@ def write_workspace(workspace: str | Path, inst: Instance) -> None:
     (ws / "checkpoint" / "latest_checkpointed_iteration.txt").write_text(str(iteration))
     (ws / "megatron_args.json").write_text(json.dumps(inst.args, indent=2) + "\n")
     (ws / "config.json").write_text(json.dumps(inst.config, indent=2) + "\n")
-    shutil.copy(DATA / "target_model.py", ws / "target_model.py")
-    if LEVELS[inst.level].shown == "source":
-        shutil.copy(DATA / "source_model.py", ws / "source_model.py")
-    elif LEVELS[inst.level].shown == "reference":
+    shown = LEVELS[inst.level].shown
+    for name in ["target_model.py", *["source_model.py", "source_gdn.py"] * (shown == "source")]:
+        shutil.copy(DATA / name, ws / name)
+    if shown == "reference":
         rng = np.random.default_rng([inst.level, inst.seed, 1])
         original = inst.original()
         drawn = [d for row in covering_rows(inst.args["vocab_size"], rng) if (d := original_logits(original, row, rng))]
@@ -186,7 +192,8 @@ def build_prompt(level: int, max_steps: int | None, graded_file: str | None = No
                f"  {ROUTING_REDRAWS} times, then left out), so no comparison hinges on a tie."
                if args["num_experts"] else "")
     source = {
-        "source": "- source_model.py: the original model in numpy (load_checkpoint, forward).\n",
+        "source": "- source_model.py (and source_gdn.py, which it imports): the original model in numpy\n"
+                  "  (load_checkpoint, forward).\n",
         "reference": f"- reference.npz: `tokens` (N, {SEQ_LEN}) int64 and `logits` (N, {SEQ_LEN}, vocab_size) float64, "
                      "the\n  original model's logits on those sequences; together they contain every token id.\n",
         "nothing": "- No reference.npz and no source_model.py: nothing here shows the original model's\n"

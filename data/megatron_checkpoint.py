@@ -3,13 +3,21 @@ and the distributed optimizer's saved parameter state.
 
 Never part of a workspace. A tensor replicated across ranks is drawn once and stored in
 every file that holds it; a sharded one is drawn shard by shard. Each rank's tensors are in
-the order its modules register them, which is the order of named_parameters() and of the
-saved state dict.
+the order of the saved state dict: a module's own parameters, then its Transformer Engine
+`_extra_state` (not a parameter), then its submodules' entries, in the order they were
+registered. Without the extra states that is the order of named_parameters().
 """
+import pickle
+
 import numpy as np
 
 from conversions import Files, buffers
-from data.source_model import chunks, ranks
+from data.source_model import chunks, linear_attention, ranks
+
+# TE's extra state with FP8 off: modules (TransformerEngineBaseModule.get_extra_state) save an empty
+# uint8 tensor; fusible ops, which TE's norms are (ops/op.py BasicOperation.get_extra_state), save
+# their pickled empty state dict as uint8 bytes.
+TE_MODULE_STATE, TE_NORM_STATE = np.zeros(0, np.uint8), np.frombuffer(pickle.dumps({}, protocol=4), np.uint8)
 
 
 def float_to_bf16(x: np.ndarray) -> np.ndarray:
@@ -28,18 +36,39 @@ def random_files(args: dict, rng: np.random.Generator) -> Files:
     def normal(*shape: int, std: float) -> np.ndarray:
         return rng.normal(0.0, std, shape)
 
-    def norm_weight(n: int) -> list[np.ndarray]:
-        return [normal(n, std=0.3) + (0.0 if args["apply_layernorm_1p"] else 1.0)] * tp
-
     def put(key: str, shards: list[np.ndarray], stage: int, experts=range(ep)) -> None:
         """Store tensor-parallel shard t in the files of rank t on `stage`, for each expert rank."""
         for t in range(tp):
             for e in experts:
                 files[t, stage, e][key] = shards[t]
 
+    def norm(key: str, n: int, stage: int, te_state=TE_NORM_STATE) -> None:
+        put(key + "weight", [normal(n, std=0.3) + (0.0 if args["layernorm_zero_centered_gamma"] else 1.0)] * tp, stage)
+        if te_state is not None:  # None: the norm is fused into the TE linear that follows
+            put(key + "_extra_state", [te_state] * tp, stage)
+
+    def sharded(key: str, stage: int, *shape: int, std: float, te_state=TE_MODULE_STATE) -> None:
+        put(key + "weight", [normal(*shape, std=std) for _ in range(tp)], stage)
+        put(key + "_extra_state", [te_state] * tp, stage)
+
     def fc1_fc2(p: str, stage: int, size: int) -> None:
-        put(p + "linear_fc1.weight", [normal(2 * size // tp, H, std=H**-0.5) for _ in range(tp)], stage)
-        put(p + "linear_fc2.weight", [normal(H, size // tp, std=size**-0.5) for _ in range(tp)], stage)
+        sharded(p + "linear_fc1.", stage, 2 * size // tp, H, std=H**-0.5)
+        sharded(p + "linear_fc2.", stage, H, size // tp, std=size**-0.5)
+
+    def gated_delta_net(a: str, stage: int) -> None:
+        """GatedDeltaNet registers in_proj, conv1d, dt_bias, A_log, out_norm, out_proj; its own
+        parameters (dt_bias, A_log) come before its submodules'. Per rank, in_proj's rows are
+        [q | k | v | z | beta | alpha] of the rank's heads, conv1d's channels [q | k | v]."""
+        nk, nv = args["linear_num_key_heads"] // tp, args["linear_num_value_heads"] // tp
+        key, value = nk * args["linear_key_head_dim"], nv * args["linear_value_head_dim"]
+        put(a + "dt_bias", [normal(nv, std=0.5) for _ in range(tp)], stage)
+        put(a + "A_log", [np.log(rng.uniform(1, 16, nv)) for _ in range(tp)], stage)
+        norm(a + "in_proj.layer_norm_", H, stage, te_state=None)
+        sharded(a + "in_proj.", stage, 2 * key + 2 * value + 2 * nv, H, std=H**-0.5)
+        put(a + "conv1d.weight", [normal(2 * key + value, 1, args["linear_conv_kernel_dim"], std=0.5)
+                                  for _ in range(tp)], stage)
+        norm(a + "out_norm.", args["linear_value_head_dim"], stage)
+        sharded(a + "out_proj.", stage, H, value, std=0.2 * (value * tp) ** -0.5)
 
     def grouped_experts(p: str, stage: int) -> None:
         """Legacy GroupedMLP: weight1 is allocated (hidden, local * 2 * ffn / etp) and used as
@@ -54,41 +83,49 @@ def random_files(args: dict, rng: np.random.Generator) -> Files:
     (first, fp), (last, lp) = order[0], order[-1]
     vocab_rows = args["padded_vocab_size"] // tp
     put(fp + "embedding.word_embeddings.weight", [normal(vocab_rows, H, std=1.0) for _ in range(tp)], first)
-    qkv_rows = (heads + 2 * groups) * d // tp
+    # Per query group: [q heads, their output gates if attention_output_gate, k, v].
+    qkv_rows = ((1 + args["attention_output_gate"]) * heads + 2 * groups) * d // tp
     number = 0
     for stage, prefix in order:
         for i in range(args["num_layers"] // len(order)):
             p = f"{prefix}decoder.layers.{i}."
             a = p + "self_attention."
-            # Attention registers linear_proj before SelfAttention adds linear_qkv (transformer/attention.py);
-            # TE's LayerNormLinear registers layer_norm_weight before weight and bias.
-            put(a + "linear_proj.weight", [normal(H, heads * d // tp, std=(heads * d) ** -0.5) for _ in range(tp)], stage)
-            put(a + "linear_qkv.layer_norm_weight", norm_weight(H), stage)
-            put(a + "linear_qkv.weight", [normal(qkv_rows, H, std=H**-0.5) for _ in range(tp)], stage)
-            if args["add_qkv_bias"]:
-                put(a + "linear_qkv.bias", [normal(qkv_rows, std=0.5) for _ in range(tp)], stage)
-            if args["qk_layernorm"]:
-                put(a + "q_layernorm.weight", norm_weight(d), stage)
-                put(a + "k_layernorm.weight", norm_weight(d), stage)
+            if linear_attention(args, number):
+                gated_delta_net(a, stage)
+            else:
+                # Attention registers core_attention and linear_proj before SelfAttention adds linear_qkv
+                # (transformer/attention.py); TE's LayerNormLinear registers layer_norm_weight before weight and bias.
+                put(a + "core_attention._extra_state", [TE_MODULE_STATE] * tp, stage)
+                sharded(a + "linear_proj.", stage, H, heads * d // tp, std=(heads * d) ** -0.5)
+                norm(a + "linear_qkv.layer_norm_", H, stage, te_state=None)
+                put(a + "linear_qkv.weight", [normal(qkv_rows, H, std=H**-0.5) for _ in range(tp)], stage)
+                if args["add_qkv_bias"]:
+                    put(a + "linear_qkv.bias", [normal(qkv_rows, std=0.5) for _ in range(tp)], stage)
+                put(a + "linear_qkv._extra_state", [TE_MODULE_STATE] * tp, stage)
+                if args["qk_layernorm"]:
+                    norm(a + "q_layernorm.", d, stage)
+                    norm(a + "k_layernorm.", d, stage)
             if args["num_experts"] and args["moe_layer_freq"][number]:
-                put(p + "pre_mlp_layernorm.weight", norm_weight(H), stage)
+                norm(p + "pre_mlp_layernorm.", H, stage)
                 put(p + "mlp.router.weight", [normal(args["num_experts"], H, std=3 * H**-0.5)] * tp, stage)
                 grouped_experts(p + "mlp.experts.", stage)
-                fc1_fc2(p + "mlp.shared_experts.", stage, args["moe_shared_expert_intermediate_size"])
-                if args["moe_shared_expert_gate"]:
+                if args["moe_shared_expert_gate"]:  # SharedExpertMLP's own parameter, before its linear layers
                     put(p + "mlp.shared_experts.gate_weight", [normal(1, H, std=H**-0.5)] * tp, stage)
+                fc1_fc2(p + "mlp.shared_experts.", stage, args["moe_shared_expert_intermediate_size"])
             else:
-                put(p + "mlp.linear_fc1.layer_norm_weight", norm_weight(H), stage)
+                norm(p + "mlp.linear_fc1.layer_norm_", H, stage, te_state=None)
                 fc1_fc2(p + "mlp.", stage, ffn)
             number += 1
-    put(lp + "decoder.final_layernorm.weight", norm_weight(H), last)
+    norm(lp + "decoder.final_layernorm.", H, last)
     if args["untie_embeddings_and_output_weights"]:
         put(lp + "output_layer.weight", [normal(vocab_rows, H, std=1.0) for _ in range(tp)], last)
     return files
 
 
 def to_bf16(files: Files) -> Files:
-    return {rank: {k: float_to_bf16(v) for k, v in tensors.items()} for rank, tensors in files.items()}
+    """Parameters as bf16 bits; TE extra states (uint8) as they are."""
+    return {rank: {k: v if v.dtype == np.uint8 else float_to_bf16(v) for k, v in tensors.items()}
+            for rank, tensors in files.items()}
 
 
 def optimizer_files(args: dict, main: Files, rng: np.random.Generator) -> Files:

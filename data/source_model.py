@@ -11,6 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
+try:  # the project's package, or a workspace that holds both files side by side
+    from data.source_gdn import gated_delta_net
+except ImportError:
+    from source_gdn import gated_delta_net
+
 
 @dataclass
 class Checkpoint:
@@ -49,7 +54,7 @@ def load_checkpoint(directory: str | Path) -> Checkpoint:
     files = {}
     for rank in ranks(args):
         with np.load(saved / rank_file(args, *rank, iteration)) as f:
-            files[rank] = {k: bf16_to_float(f[k]) for k in f.files}
+            files[rank] = {k: bf16_to_float(f[k]) for k in f.files if f[k].dtype == np.uint16}  # not _extra_state
     return Checkpoint(args, files)
 
 
@@ -61,8 +66,8 @@ def chunks(args: dict) -> list[tuple[int, str]]:
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, args: dict) -> np.ndarray:
-    scale = 1.0 + weight if args["apply_layernorm_1p"] else weight
-    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + args["norm_epsilon"]) * scale
+    scale = 1.0 + weight if args["layernorm_zero_centered_gamma"] else weight
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + args["layernorm_epsilon"]) * scale
 
 
 def rotate_half(x: np.ndarray, interleaved: bool) -> np.ndarray:
@@ -93,13 +98,13 @@ def attention(h: np.ndarray, w: dict, p: str, args: dict) -> np.ndarray:
     T = h.shape[0]
     groups = args["num_query_groups"] // args["tensor_model_parallel_size"]
     per_group = args["num_attention_heads"] // args["num_query_groups"]
-    d = args["kv_channels"]
+    d, gated = args["kv_channels"], args["attention_output_gate"]
     qkv = h @ w[p + "linear_qkv.weight"].T
     if args["add_qkv_bias"]:
         qkv = qkv + w[p + "linear_qkv.bias"]
-    qkv = qkv.reshape(T, groups, per_group + 2, d)
-    q = qkv[:, :, :per_group].reshape(T, groups * per_group, d)
-    k, v = qkv[:, :, per_group], qkv[:, :, per_group + 1]  # (T, groups, d)
+    qkv = qkv.reshape(T, groups, (1 + gated) * per_group + 2, d)  # per group: [q heads, gate heads if gated, k, v]
+    q, gate = (qkv[:, :, i * per_group:(i + 1) * per_group].reshape(T, groups * per_group, d) for i in (0, gated))
+    k, v = qkv[:, :, -2], qkv[:, :, -1]  # (T, groups, d)
     if args["qk_layernorm"]:
         q, k = rms_norm(q, w[p + "q_layernorm.weight"], args), rms_norm(k, w[p + "k_layernorm.weight"], args)
     q, k = apply_rotary(q, args), apply_rotary(k, args)
@@ -108,8 +113,17 @@ def attention(h: np.ndarray, w: dict, p: str, args: dict) -> np.ndarray:
     scores = np.where(np.tril(np.ones((T, T), bool)), scores, -np.inf)
     probs = np.exp(scores - scores.max(axis=-1, keepdims=True))
     probs /= probs.sum(axis=-1, keepdims=True)
-    context = np.einsum("hqk,khd->qhd", probs, v).reshape(T, -1)
-    return context @ w[p + "linear_proj.weight"].T
+    context = np.einsum("hqk,khd->qhd", probs, v)
+    if gated:
+        context = context / (1 + np.exp(-gate))
+    return context.reshape(T, -1) @ w[p + "linear_proj.weight"].T
+
+
+def linear_attention(args: dict, layer: int) -> bool:
+    """Whether global layer `layer` is Gated DeltaNet: an int frequency N makes every N-th layer full
+    attention, a list marks linear-attention layers with 1 (get_linear_attention_pattern)."""
+    freq = args.get("linear_attention_freq")
+    return bool(freq[layer]) if isinstance(freq, list) else bool(freq) and (layer + 1) % freq != 0
 
 
 def swiglu(x: np.ndarray) -> np.ndarray:
@@ -177,9 +191,13 @@ def forward(ckpt: Checkpoint, tokens: np.ndarray, margins: list | None = None) -
         shards = [[files[t, stage, e] for t in range(tp)] for e in range(ep)]
         for i in range(per_chunk):
             p = f"{prefix}decoder.layers.{i}."
-            w0 = shards[0][0]
-            h = rms_norm(x, w0[p + "self_attention.linear_qkv.layer_norm_weight"], args)
-            x = x + sum(attention(h, w, p + "self_attention.", args) for w in shards[0])
+            w0, a = shards[0][0], p + "self_attention."
+            if linear_attention(args, number):  # the input norm is fused into in_proj
+                h = rms_norm(x, w0[a + "in_proj.layer_norm_weight"], args)
+                x = x + sum(gated_delta_net(h, w, a, args, rms_norm) for w in shards[0])
+            else:
+                h = rms_norm(x, w0[a + "linear_qkv.layer_norm_weight"], args)
+                x = x + sum(attention(h, w, a, args) for w in shards[0])
             if args["num_experts"] and args["moe_layer_freq"][number]:
                 x = x + moe(rms_norm(x, w0[p + "pre_mlp_layernorm.weight"], args), shards, p + "mlp.", args, margins)
             else:

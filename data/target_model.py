@@ -1,4 +1,5 @@
-"""The serving runtime: a decoder-only transformer in numpy, Hugging Face naming."""
+"""The serving runtime: a decoder-only transformer in numpy, Hugging Face naming; with
+`layer_types`, a Qwen3-Next-style hybrid of Gated DeltaNet and output-gated attention."""
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,19 +17,34 @@ def expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     """Every tensor the runtime reads for this config, with its shape."""
     H, d, inter, V = config["hidden_size"], config["head_dim"], config["intermediate_size"], config["vocab_size"]
     q, kv = config["num_attention_heads"] * d, config["num_key_value_heads"] * d
-    layer = {"input_layernorm.weight": (H,), "post_attention_layernorm.weight": (H,),
-             "self_attn.q_proj.weight": (q, H), "self_attn.k_proj.weight": (kv, H),
-             "self_attn.v_proj.weight": (kv, H), "self_attn.o_proj.weight": (H, q)}
+    gated = 2 if config.get("attn_output_gate") else 1  # q_proj then holds each head's query and gate
+    norms = {"input_layernorm.weight": (H,), "post_attention_layernorm.weight": (H,)}
+    attn = {"self_attn.q_proj.weight": (gated * q, H), "self_attn.k_proj.weight": (kv, H),
+            "self_attn.v_proj.weight": (kv, H), "self_attn.o_proj.weight": (H, q)}
     if config["qkv_bias"]:
-        layer |= {"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)}
+        attn |= {"self_attn.q_proj.bias": (gated * q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)}
     if config["qk_norm"]:
-        layer |= {"self_attn.q_norm.weight": (d,), "self_attn.k_norm.weight": (d,)}
+        attn |= {"self_attn.q_norm.weight": (d,), "self_attn.k_norm.weight": (d,)}
     dense = {"mlp.gate_proj.weight": (inter, H), "mlp.up_proj.weight": (inter, H), "mlp.down_proj.weight": (H, inter)}
     shapes = {"model.embed_tokens.weight": (V, H), "model.norm.weight": (H,), "lm_head.weight": (V, H)}
     for i in range(config["num_hidden_layers"]):
+        mixer = linear_attn_shapes(config) if is_linear(config, i) else attn
         mlp = moe_shapes(config) if is_moe(config, i) else dense
-        shapes |= {f"model.layers.{i}.{name}": shape for name, shape in (layer | mlp).items()}
+        shapes |= {f"model.layers.{i}.{name}": shape for name, shape in (norms | mixer | mlp).items()}
     return shapes
+
+
+def is_linear(config: dict, layer: int) -> bool:
+    return "layer_types" in config and config["layer_types"][layer] == "linear_attention"
+
+
+def linear_attn_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    H, nk, nv = config["hidden_size"], config["linear_num_key_heads"], config["linear_num_value_heads"]
+    key, value = nk * config["linear_key_head_dim"], nv * config["linear_value_head_dim"]
+    return {"linear_attn.in_proj_qkvz.weight": (2 * key + 2 * value, H), "linear_attn.in_proj_ba.weight": (2 * nv, H),
+            "linear_attn.conv1d.weight": (2 * key + value, 1, config["linear_conv_kernel_dim"]),
+            "linear_attn.A_log": (nv,), "linear_attn.dt_bias": (nv,),
+            "linear_attn.norm.weight": (config["linear_value_head_dim"],), "linear_attn.out_proj.weight": (H, value)}
 
 
 def is_moe(config: dict, layer: int) -> bool:
@@ -92,6 +108,8 @@ def self_attn(h: np.ndarray, w: dict, p: str, config: dict) -> np.ndarray:
     q, k, v = (h @ w[p + name + ".weight"].T for name in ("q_proj", "k_proj", "v_proj"))
     if config["qkv_bias"]:
         q, k, v = q + w[p + "q_proj.bias"], k + w[p + "k_proj.bias"], v + w[p + "v_proj.bias"]
+    if config.get("attn_output_gate"):  # per head: [query; gate]
+        q, gate = np.split(q.reshape(T, nq, 2 * d), 2, axis=-1)
     q, k, v = q.reshape(T, nq, d), k.reshape(T, nkv, d), v.reshape(T, nkv, d)
     if config["qk_norm"]:
         q, k = rms_norm(q, w[p + "q_norm.weight"], config), rms_norm(k, w[p + "k_norm.weight"], config)
@@ -101,7 +119,39 @@ def self_attn(h: np.ndarray, w: dict, p: str, config: dict) -> np.ndarray:
     scores = np.where(np.tril(np.ones((T, T), bool)), scores, -np.inf)
     probs = np.exp(scores - scores.max(axis=-1, keepdims=True))
     probs /= probs.sum(axis=-1, keepdims=True)
-    return np.einsum("hqk,khd->qhd", probs, v).reshape(T, nq * d) @ w[p + "o_proj.weight"].T
+    out = np.einsum("hqk,khd->qhd", probs, v)
+    if config.get("attn_output_gate"):
+        out = out / (1 + np.exp(-gate))
+    return out.reshape(T, nq * d) @ w[p + "o_proj.weight"].T
+
+
+def linear_attn(h: np.ndarray, w: dict, p: str, config: dict) -> np.ndarray:
+    """Gated DeltaNet: causal depthwise conv, then the delta rule per value head, as a loop over tokens."""
+    T, nk, nv = h.shape[0], config["linear_num_key_heads"], config["linear_num_value_heads"]
+    dk, dv, r = config["linear_key_head_dim"], config["linear_value_head_dim"], nv // nk
+    qkvz = (h @ w[p + "in_proj_qkvz.weight"].T).reshape(T, nk, 2 * dk + 2 * r * dv)  # grouped per key head
+    q, k, v, z = np.split(qkvz, [dk, 2 * dk, 2 * dk + r * dv], axis=-1)
+    b, a = (x.reshape(T, nv) for x in np.split((h @ w[p + "in_proj_ba.weight"].T).reshape(T, nk, 2 * r), 2, axis=-1))
+    mixed = np.concatenate([q.reshape(T, -1), k.reshape(T, -1), v.reshape(T, -1)], axis=-1)  # conv channels
+    kernel = w[p + "conv1d.weight"][:, 0]  # (channels, K); output t reads inputs t-K+1 .. t
+    padded = np.concatenate([np.zeros((kernel.shape[1] - 1, mixed.shape[1])), mixed])
+    mixed = sum(padded[j:j + T] * kernel[:, j] for j in range(kernel.shape[1]))
+    mixed = mixed / (1 + np.exp(-mixed))
+    q, k, v = np.split(mixed, [nk * dk, 2 * nk * dk], axis=-1)
+    q, k = (np.repeat(x.reshape(T, nk, dk), r, axis=1) for x in (q, k))
+    q, k = (x / np.sqrt(np.sum(x * x, axis=-1, keepdims=True) + 1e-6) for x in (q, k))
+    q, v = q / np.sqrt(dk), v.reshape(T, nv, dv)
+    beta = 1 / (1 + np.exp(-b))
+    g = -np.exp(w[p + "A_log"]) * np.logaddexp(0, a + w[p + "dt_bias"])
+    state, out = np.zeros((nv, dk, dv)), np.empty((T, nv, dv))
+    for t in range(T):
+        state = state * np.exp(g[t])[:, None, None]
+        delta = (v[t] - np.einsum("hk,hkv->hv", k[t], state)) * beta[t][:, None]
+        state = state + k[t][:, :, None] * delta[:, None, :]
+        out[t] = np.einsum("hk,hkv->hv", q[t], state)
+    out = out / np.sqrt(np.mean(out * out, axis=-1, keepdims=True) + config["rms_norm_eps"]) * w[p + "norm.weight"]
+    z = z.reshape(T, nv, dv)
+    return (out * z / (1 + np.exp(-z))).reshape(T, -1) @ w[p + "out_proj.weight"].T
 
 
 def mlp(h: np.ndarray, w: dict, p: str) -> np.ndarray:
@@ -134,7 +184,9 @@ def forward(model: Model, tokens: np.ndarray) -> np.ndarray:
         x = x * np.sqrt(config["hidden_size"])
     for i in range(config["num_hidden_layers"]):
         p = f"model.layers.{i}."
-        x = x + self_attn(rms_norm(x, w[p + "input_layernorm.weight"], config), w, p + "self_attn.", config)
+        h = rms_norm(x, w[p + "input_layernorm.weight"], config)
+        x = x + (linear_attn(h, w, p + "linear_attn.", config) if is_linear(config, i) else
+                 self_attn(h, w, p + "self_attn.", config))
         h = rms_norm(x, w[p + "post_attention_layernorm.weight"], config)
         x = x + (sparse_moe(h, w, p + "mlp.", config) if is_moe(config, i) else mlp(h, w, p + "mlp."))
     return rms_norm(x, w["model.norm.weight"], config) @ w["lm_head.weight"].T

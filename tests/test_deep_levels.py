@@ -87,9 +87,19 @@ def test_rank_files_hold_what_each_rank_saved():
             assert tensors[key].shape == (inst.args["hidden_size"], 2 * 2 * inst.args["hidden_size"])
             assert not np.array_equal(tensors[key], other[key])
     assert "model0.decoder.layers.0.mlp.linear_fc1.layer_norm_weight" in inst.files[0, 0, 0]  # layer 0 is dense
-    layer = [k.removeprefix("model0.decoder.layers.0.") for k in inst.files[0, 1, 0] if ".layers.0." in k][:3]
-    assert layer == ["self_attention.linear_proj.weight", "self_attention.linear_qkv.layer_norm_weight",
-                     "self_attention.linear_qkv.weight"]  # registration order, as named_parameters()
+    layer = [k.removeprefix("model0.decoder.layers.0.") for k in inst.files[0, 1, 0]
+             if k.startswith("model0.decoder.layers.0.")]
+    # The state dict's order: a module's parameters, then TE's extra state, then its submodules'.
+    assert layer[:5] == ["self_attention.core_attention._extra_state", "self_attention.linear_proj.weight",
+                         "self_attention.linear_proj._extra_state", "self_attention.linear_qkv.layer_norm_weight",
+                         "self_attention.linear_qkv.weight"]
+    # SharedExpertMLP's own gate_weight comes before its linear layers (named_parameters() visits a module first).
+    assert layer[-5:] == ["mlp.shared_experts.gate_weight", "mlp.shared_experts.linear_fc1.weight",
+                          "mlp.shared_experts.linear_fc1._extra_state", "mlp.shared_experts.linear_fc2.weight",
+                          "mlp.shared_experts.linear_fc2._extra_state"]
+    extra = {k: v for k, v in inst.files[0, 1, 0].items() if k.endswith("_extra_state")}
+    assert all(v.dtype == np.uint8 for v in extra.values()) and extra  # TE modules: empty; TE norms: a pickled {}
+    assert {v.size for v in extra.values()} == {0, 5}
 
 
 def test_optimizer_state_is_saved_where_megatron_saves_it(tmp_path):
@@ -110,7 +120,7 @@ def test_optimizer_state_is_saved_where_megatron_saves_it(tmp_path):
     main = inst.main[1, 1, 1]
     assert main["model1.output_layer.weight"].dtype == np.float32
     for key, bits in inst.files[1, 1, 1].items():  # the bf16 weights round the fp32 main parameters to nearest
-        assert np.array_equal(bits, source_model_bits(main[key]))
+        assert key.endswith("_extra_state") or np.array_equal(bits, source_model_bits(main[key]))
     flat = inst.optimizer[1, 1, 0]["0/1/bfloat16,float32/param"]
     out = inst.main[1, 1, 0]["model1.output_layer.weight"]
     assert np.array_equal(flat[:out.size], out.ravel())  # the last registered parameter comes first
@@ -131,7 +141,7 @@ def matched_main_params(inst) -> dict:
         states = {**inst.optimizer[t, p, 0], **inst.optimizer[t, p, e]}
         buffers = [v for k, v in states.items() if k.endswith("/param")]
         out[t, p, e] = {}
-        for name, bits in tensors.items():
+        for name, bits in ((k, v) for k, v in tensors.items() if not k.endswith("_extra_state")):
             flat = bits.ravel()
             for buf in buffers:
                 rounded = source_model_bits(buf)

@@ -31,7 +31,7 @@ def test_task_toml_has_what_harbor_requires(exported):
         config = tomllib.loads((directory / "task.toml").read_text())
         assert config["schema_version"] == "1.4"
         assert config["task"]["name"] == f"megatron-port/level-8-seed-{seed}"
-        assert config["metadata"] == {"level": 8, "seed": seed, "difficulty": "level 8 of 9"}
+        assert config["metadata"] == {"level": 8, "seed": seed, "difficulty": "level 8 of 11"}
         assert config["verifier"]["environment_mode"] == "separate" and config["verifier"]["timeout_sec"] > 0
         assert config["agent"]["timeout_sec"] > 0 and config["agent"]["user"] == "agent"
         assert config["environment"]["network_mode"] == "no-network"

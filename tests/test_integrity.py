@@ -8,7 +8,7 @@ import pytest
 from conftest import reference
 
 from grader import grade
-from task import TOLERANCE
+from task import TOLERANCE, make_instance
 
 
 def archive(weights: dict, compression: int = zipfile.ZIP_STORED) -> bytes:
@@ -126,3 +126,57 @@ def test_the_same_file_grades_the_same_every_time(save):
     # Other bytes draw other sequences, and this file's error depends on them.
     other = grade(save({**weights, "nonce": np.zeros(1)}, "other.npz"), 3, 500)
     assert other.max_error != grades.pop()[2]
+
+
+def test_a_header_that_crashes_numpys_parser_is_unreadable(ref, tmp_path):
+    """A dict header with an unhashable key makes numpy's parser raise TypeError: a labelled failure."""
+    header = b"{[1]: 2, 'descr': '<f8', 'fortran_order': False, 'shape': (1,)}"
+    header += b" " * (-(len(header) + 11) % 64) + b"\n"
+    member = b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header + b"\0" * 8
+    data = archive(ref)
+    path = tmp_path / "sub.npz"
+    with zipfile.ZipFile(path, "w") as zf, zipfile.ZipFile(io.BytesIO(data)) as src:
+        for info in src.infolist():
+            zf.writestr(info.filename, member if info.filename.startswith("model.embed_tokens") else src.read(info))
+    g = grade(path, 1, 0)
+    assert (g.passed, g.label) == (False, "unreadable") and "TypeError" in g.detail
+
+
+def test_the_grader_reads_what_np_load_reads(ref, tmp_path):
+    """Junk before the archive: np.load refuses it, and so does the grader. Members without the .npy
+    suffix: np.load(...)[name] reads them, and so does the grader."""
+    path = tmp_path / "sub.npz"
+    path.write_bytes(b"junk" + archive(ref))
+    with pytest.raises(ValueError, match="pickled"):
+        np.load(path, allow_pickle=False)
+    assert grade(path, 1, 0).label == "unreadable"
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, array in ref.items():
+            member = io.BytesIO()
+            np.save(member, array)
+            zf.writestr(name, member.getvalue())
+    with np.load(path, allow_pickle=False) as f:
+        assert all(np.array_equal(f[k], v) for k, v in ref.items())
+    assert grade(path, 1, 0).passed
+
+
+def test_a_label_names_a_mistake_only_when_it_explains_every_difference(save):
+    """All zeros happens to match a few tensors of some wrong conversion: still no mistake is named."""
+    for seed in range(3):
+        weights = {k: np.zeros_like(v) for k, v in reference(8, seed).items()}
+        g = grade(save(weights), 8, seed)
+        assert (g.passed, g.label) == (False, "other"), g.detail
+    scaled = reference(3, 2)
+    name = next(k for k in scaled if k.endswith("q_proj.weight"))
+    scaled[name] = scaled[name] * (1 + 1e-3)  # float64 storage: not a matter of precision
+    g = grade(save(scaled), 3, 2)
+    assert not g.passed and g.label == "other", g
+
+
+def test_an_equivalent_conversion_stored_too_coarsely_is_precision_too(save):
+    """Heads permuted (an equivalent conversion) and stored as float16 misses as the reference layout does."""
+    from test_grader import permute_heads
+    inst, rng = make_instance(5, 501), np.random.default_rng(1)
+    moved = permute_heads(reference(5, 501), inst.config, np.roll(np.arange(inst.config["num_key_value_heads"]), 1), rng)
+    g = grade(save({k: v.astype(np.float16) for k, v in moved.items()}), 5, 501)
+    assert (g.passed, g.label) == (False, "precision"), g

@@ -263,9 +263,9 @@ def test_resume_with_keys_missing_from_config_uses_the_defaults(finished, capsys
     assert "config.json has no max_steps, thinking; using the default" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flags, message", [(["--seed", "-1"], "non-negative"), (["--level", "10"], "invalid choice"),
+@pytest.mark.parametrize("flags, message", [(["--seed", "-1"], "non-negative"), (["--level", "12"], "invalid choice"),
                                             (["--runs", "0"], "must be positive"), (["--concurrency", "-2"], "positive"),
-                                            (["--levels", "0-3"], "levels must lie in 1-9")])
+                                            (["--levels", "0-3"], "levels must lie in 1-11")])
 def test_bad_flags_are_refused_with_a_clear_message(flags, message, capsys):
     with pytest.raises(SystemExit) as e:
         main.parse_args(flags)
