@@ -97,7 +97,7 @@ def bench_harness(tmp: Path, isolated: bool) -> None:
 
 def bench_grading(tmp: Path) -> None:
     print("== grading ==")
-    for level in (1, 5, 7, 8):
+    for level in (1, 5, 7, 8, 10):
         inst = make_instance(level, 0)
         for mistake in (None, "rope_permutation" if level > 1 else "qkv_split"):
             path = tmp / f"sub-{level}-{mistake}.npz"

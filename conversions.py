@@ -295,7 +295,7 @@ def gated_delta_net(ranks: list[dict], args: dict, t: str, mistake: str | None) 
             a_ + "out_proj.weight": np.concatenate([w[p + "out_proj.weight"] for w in ranks], axis=1)}
 
 
-def explain(weights: dict[str, np.ndarray], reference: dict[str, np.ndarray], files: Files, args: dict,
+def explain_failure(weights: dict[str, np.ndarray], reference: dict[str, np.ndarray], files: Files, args: dict,
             config: dict, optimizer: Files | None, level: int) -> tuple[str, str]:
     """(label, detail) for a failing submission: the known wrong conversion (first used at `level` or
     before) that gives every tensor where `weights` differ from `reference` and changes no other;
@@ -306,18 +306,15 @@ def explain(weights: dict[str, np.ndarray], reference: dict[str, np.ndarray], fi
     differing = [k for k in reference if not same(weights[k], reference[k])]
     if not differing:
         return "other", "every tensor is within rtol 1e-3 of the reference conversion, yet the logits miss"
-    values, scores = read_values(files, args, optimizer), {}  # values: shared by the mistakes not made in reading
+    values = read_values(files, args, optimizer)  # shared by the mistakes not made in reading
     for mistake in (m for m, first in MISTAKES.items() if first <= level):
         read = read_values(files, args, optimizer, mistake) if mistake in READING_MISTAKES else values
         wrong = convert_values(read, args, config, mistake)
-        explained = sum(same(weights[k], wrong.get(k)) for k in differing)
-        changed = sum(not same(reference[k], wrong.get(k)) for k in reference if k not in differing)
-        scores[mistake] = (explained == len(differing) and not changed, explained - changed)
-    best = max(scores, key=scores.get)
-    if not scores[best][0]:
-        return "other", (f"{len(differing)} tensors differ (first: {differing[0]}); no single known mistake gives "
-                         f"them all and only them (closest: {best})")
-    return best, f"the {len(differing)} tensors that differ are those of a conversion that gets {best} wrong"
+        if all(same(weights[k], wrong.get(k)) for k in differing) and \
+                all(same(reference[k], wrong.get(k)) for k in reference if k not in differing):
+            return mistake, f"the {len(differing)} tensors that differ are those of a conversion that gets {mistake} wrong"
+    return "other", (f"{len(differing)} tensors differ (first: {differing[0]}); no single known mistake gives them "
+                     "all and only them")
 
 
 def read_files(ws: Path, args: dict, name: str = "model_optim_rng.npz") -> Files:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from conversions import convert, explain
+from conversions import convert, explain_failure
 from data import target_model
 from task import LEVELS, MAX_SUBMISSION_BYTES, TOLERANCE, make_instance, non_negative, original_logits, token_sequences
 
@@ -101,7 +101,7 @@ def grade(submission: str | Path, level: int, seed: int) -> Grade:
     if worst <= TOLERANCE:
         return Grade(True, "pass", worst, f"max |logit difference| {worst:.3g} <= {TOLERANCE:g}")
     reference = convert(inst.files, inst.args, inst.config, optimizer=inst.optimizer)
-    label, detail = explain(weights, reference, inst.files, inst.args, inst.config, inst.optimizer, level)
+    label, detail = explain_failure(weights, reference, inst.files, inst.args, inst.config, inst.optimizer, level)
     if label == "other" and any(v.dtype == np.float16 for v in stored.values()):  # does the right conversion,
         rounded = {k: v.astype(np.float16).astype(np.float64) for k, v in reference.items()}  # so stored, miss too?
         if worst <= PRECISION_SLACK * (floor := max_error(target_model.Model(inst.config, rounded), drawn)):

@@ -13,14 +13,16 @@ One directory per (level, seed), from the same generator, prompt and grader as m
 import argparse
 import json
 import math
+import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
 import task
-from grader import grade
+from grader import Grade, grade
 
 ROOT = Path(__file__).resolve().parent
 GRADED_FILE = "/app/converted.npz"
@@ -127,12 +129,15 @@ def verify(submission: Path, level: int, seed: int, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:  # grade a copy: never the path the agent controlled
         copy = Path(tmp) / "submission.npz"
-        try:
-            with open(submission, "rb") as f:
-                copy.write_bytes(f.read(task.MAX_SUBMISSION_BYTES + 1))
+        try:  # non-blocking, so that a FIFO or a device at the path cannot stall the verifier
+            fd = os.open(submission, os.O_RDONLY | os.O_NONBLOCK)
+            with os.fdopen(fd, "rb") as f:
+                if stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                    copy.write_bytes(f.read(task.MAX_SUBMISSION_BYTES + 1))
         except OSError:
-            copy = Path(tmp) / "missing.npz"
-        g = grade(copy, level, seed)
+            pass
+        g = grade(copy, level, seed) if copy.exists() else \
+            Grade(False, "unreadable", None, f"{submission} is missing or not a regular file")
     reward = int(g.passed)
     error = g.max_error if g.max_error is not None and math.isfinite(g.max_error) else None
     (out / "reward.txt").write_text(f"{reward}\n")

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> list[Path]:
-    return export(tmp_path_factory.mktemp("harbor"), 8, range(3, 5))
+    return export(tmp_path_factory.mktemp("harbor"), 10, range(3, 5))
 
 
 def test_task_toml_has_what_harbor_requires(exported):
@@ -30,8 +30,8 @@ def test_task_toml_has_what_harbor_requires(exported):
         seed = int(directory.name.rsplit("-", 1)[1])
         config = tomllib.loads((directory / "task.toml").read_text())
         assert config["schema_version"] == "1.4"
-        assert config["task"]["name"] == f"megatron-port/level-8-seed-{seed}"
-        assert config["metadata"] == {"level": 8, "seed": seed, "difficulty": "level 8 of 11"}
+        assert config["task"]["name"] == f"megatron-port/level-10-seed-{seed}"
+        assert config["metadata"] == {"level": 10, "seed": seed, "difficulty": "level 10 of 11"}
         assert config["verifier"]["environment_mode"] == "separate" and config["verifier"]["timeout_sec"] > 0
         assert config["agent"]["timeout_sec"] > 0 and config["agent"]["user"] == "agent"
         assert config["environment"]["network_mode"] == "no-network"
@@ -40,12 +40,12 @@ def test_task_toml_has_what_harbor_requires(exported):
                      "solution/solve.sh"):
             assert (directory / name).is_file(), name
         assert os.access(directory / "tests" / "test.sh", os.X_OK)
-    assert (exported[0].parent / "README.md").read_text().count("megatron-port/level-8-seed-") == 2
+    assert (exported[0].parent / "README.md").read_text().count("megatron-port/level-10-seed-") == 2
 
 
 def test_instruction_is_the_prompt_for_a_harness_without_submit(exported):
     text = (exported[0] / "instruction.md").read_text()
-    assert text == build_prompt(8, None, GRADED_FILE)
+    assert text == build_prompt(10, None, GRADED_FILE)
     assert GRADED_FILE in text and "`submit`" not in text and "replies" not in text
     assert "at most 0.0001" in text  # what is graded is stated as in main.py's prompt
 
@@ -55,7 +55,8 @@ def test_the_agent_image_holds_nothing_of_the_grader(exported):
     for directory in exported:
         env = directory / "environment"
         names = {p.name for p in env.rglob("*")}
-        assert not names & {"grader.py", "conversions.py", "source_model.py", "megatron_checkpoint.py", "task.py"}
+        assert not names & {"grader.py", "conversions.py", "source_model.py", "source_gdn.py", "megatron_checkpoint.py",
+                            "task.py"}
         for path in (p for p in env.rglob("*") if p.is_file()):  # every file of the image's build context
             data = path.read_bytes()
             assert not any(s.encode() in data for s in secrets), path
@@ -105,16 +106,16 @@ def test_oracle_scores_one(exported, tmp_path):
 
 @needs_bwrap
 def test_a_wrong_conversion_scores_zero_with_its_label(exported, tmp_path):
-    inst = make_instance(8, 4)
+    inst = make_instance(10, 4)
     wrong = tmp_path / "wrong.npz"
-    np.savez(wrong, **convert(inst.files, inst.args, inst.config, "expert_id", inst.optimizer))
+    np.savez(wrong, **convert(inst.files, inst.args, inst.config, "conv_channels", inst.optimizer))
     solve = ["cp", "/solution/wrong.npz", GRADED_FILE]
     task_dir = tmp_path / "task"
     shutil.copytree(exported[1], task_dir)
     shutil.copy(wrong, task_dir / "solution" / "wrong.npz")
     out = run_agent_then_verifier(task_dir, tmp_path, solve)
     assert out["txt"] == "0\n" and out["json"]["reward"] == 0 and out["json"]["max_error"] > 1
-    assert out["grade"]["label"] == "expert_id"
+    assert out["grade"]["label"] == "conv_channels"
 
 
 @needs_bwrap
@@ -143,3 +144,15 @@ def test_the_export_command_line(tmp_path):
     bad = subprocess.run([sys.executable, "harbor_export.py", str(tmp_path), "--seeds", "3-1"],
                          cwd=ROOT, capture_output=True, text=True, check=False)
     assert bad.returncode == 2 and "A-B with 0 <= A <= B" in bad.stderr
+
+
+def test_the_verifier_never_waits_on_a_fifo(tmp_path):
+    """A FIFO (or anything not a regular file) at the artifact path is a failure, at once."""
+    fifo = tmp_path / "converted.npz"
+    os.mkfifo(fifo)
+    r = subprocess.run([sys.executable, "harbor_export.py", str(tmp_path / "logs"), "--level", "1", "--seeds", "0",
+                        "--verify", str(fifo)], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 0, r.stderr
+    grade = json.loads((tmp_path / "logs" / "grade.json").read_text())
+    assert grade["label"] == "unreadable" and "not a regular file" in grade["detail"]
+    assert (tmp_path / "logs" / "reward.txt").read_text() == "0\n"

@@ -12,9 +12,9 @@ from test_tools import ROOT, needs_bwrap
 from tools import Sandbox, hidden_paths
 
 # Text that only the project's answer-bearing files hold: the failure labels (README.md,
-# conversions.py), the grader's diagnosis, the wrong-conversion table, the original model's code.
-ANSWER_KEY = ["grouped_gemm_layout", "zero_centered_norm", "def diagnose(", "MISTAKES = {", "def vocab_parallel(",
-              "megatron-port-task"]
+# conversions.py), the diagnosis, the wrong-conversion table, the original model's code.
+ANSWER_KEY = ["grouped_gemm_layout", "zero_centered_norm", "gated_norm_offset", "qkvz_grouping", "def explain_failure(",
+              "MISTAKES = {", "def vocab_parallel(", "def gated_delta_net(", "megatron-port-task"]
 MAX_FILE_BYTES = 2**20  # every project file is far smaller; larger files are binaries and archives
 
 SCAN = r"""
