@@ -108,11 +108,29 @@ class Cgroup:
                     time.sleep(0.01)
 
 
+def remove_stale_cgroups(max_age_s: float = 600.0) -> int:
+    """Remove the empty worker cgroups, older than max_age_s, that a harness left behind (the kernel may
+    release a cgroup after Cgroup.remove stopped waiting); a younger one may belong to a running harness.
+    Returns how many were removed."""
+    removed = 0
+    for controller in ("memory", "pids"):
+        for directory in _own_cgroup(controller).glob("megatron-port-*"):
+            try:
+                if time.time() - directory.stat().st_mtime > max_age_s and not (directory / "cgroup.procs").read_text().split():
+                    directory.rmdir()
+                    removed += 1
+            except OSError:
+                pass
+    return removed
+
+
 @cache
 def cgroups_usable() -> bool:
-    """Whether this harness can create v1 memory and pids cgroups (it must be allowed to write there)."""
+    """Whether this harness can create v1 memory and pids cgroups (it must be allowed to write there).
+    Checked once per harness, which then also clears what earlier harnesses left behind."""
     try:
         Cgroup(2**30, 8).remove()
+        remove_stale_cgroups()
     except (OSError, ValueError):
         return False
     return True

@@ -18,6 +18,7 @@ import site
 import stat
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path, PurePosixPath
@@ -69,7 +70,8 @@ def cut(text):
 
 namespace = {"__name__": "__main__"}
 for line in requests:
-    code, error = json.loads(line)["code"], ""
+    request, error = json.loads(line), ""
+    code = request["code"]
     with tempfile.TemporaryFile() as capture:
         os.dup2(capture.fileno(), 1)
         os.dup2(capture.fileno(), 2)
@@ -96,8 +98,55 @@ for line in requests:
             tail = capture.read().decode(errors="replace")
             output = f"{head}\n[... {size - 2 * half} bytes of output left out ...]\n{tail}"
     text = (output + cut(error)).encode(errors="replace").decode()  # lone surrogates become "?"
-    results.write(json.dumps({"output": text, "error": bool(error)}, ensure_ascii=False).encode() + b"\n")
+    result = {"output": text, "error": bool(error), "seq": request["seq"]}
+    results.write(json.dumps(result, ensure_ascii=False).encode() + b"\n")
     results.flush()
+"""
+
+
+# Without bubblewrap's PID namespace or a cgroup, nothing else holds a worker's processes together: this
+# launcher makes itself their subreaper, so that processes that left the session (setsid, double fork) are
+# re-parented to it rather than to init, and on SIGTERM or the worker's end it kills them all.
+REAPER = r"""
+import ctypes, os, signal, sys
+ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+worker = os.fork()
+if worker == 0:
+    os.execv(sys.argv[1], sys.argv[1:])
+
+def children():
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                if entry.isdigit() and int(f.read().rsplit(")", 1)[1].split()[1]) == os.getpid():
+                    found.append(int(entry))
+        except (OSError, ValueError, IndexError):
+            pass
+    return found
+
+def end(*_):
+    while pids := children():  # killing one may orphan its descendants to us: repeat until none is left
+        for pid in pids:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except OSError:
+                pass
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        for pid in pids:
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+    os._exit(0)
+
+signal.signal(signal.SIGTERM, end)
+while True:
+    if os.wait()[0] == worker:
+        end()
 """
 
 
@@ -179,6 +228,7 @@ class Sandbox:
         self.timeout = timeout
         self.uid = 100_000 + secrets.randbelow(2**30) if isolate and os.geteuid() == 0 else -1
         self.proc: asyncio.subprocess.Process | None = None
+        self.seq = 0  # calls sent to the current worker: each result must carry its call's number
         self.cgroup: Cgroup | None = None
         self.watchdog: asyncio.Task | None = None
         self.killed_for_disk = False
@@ -203,6 +253,8 @@ class Sandbox:
         if cgroups_usable():
             self.cgroup = Cgroup(MEMORY_BYTES, MAX_PROCESSES)
             cmd = self.cgroup.prefix() + cmd
+        elif not self.isolate:
+            cmd = [sys.executable, "-S", "-c", REAPER, *cmd]
         try:
             return await asyncio.create_subprocess_exec(
                 *cmd, cwd=cwd, env=worker_env(self.isolate), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
@@ -225,11 +277,11 @@ class Sandbox:
 
     async def _call(self, code: str) -> ToolResult:
         if self.proc is None:
-            self.proc = await self._start()
+            self.proc, self.seq = await self._start(), 0
             self.watchdog = asyncio.create_task(self._watch_disk(self.proc))
-        proc = self.proc
+        proc, self.seq = self.proc, self.seq + 1
         try:
-            proc.stdin.write(json.dumps({"code": code}).encode() + b"\n")
+            proc.stdin.write(json.dumps({"code": code, "seq": self.seq}).encode() + b"\n")
             await proc.stdin.drain()
             line = await asyncio.wait_for(proc.stdout.readline(), self.timeout)
         except ValueError:  # a line past the stream limit
@@ -253,11 +305,13 @@ class Sandbox:
             return ToolResult(f"The Python process ended during this call (exit status {code}) and was restarted. "
                               "Its output is lost, and so are variables, imports and functions; "
                               f"files in the working directory remain.\n{startup}".rstrip(), is_error=True)
-        try:
+        try:  # a line written by the model's code is caught here, at the latest one call later
             result = json.loads(line)
-            return ToolResult(str(result["output"]) or "(no output)", bool(result["error"]))
+            if result["seq"] == self.seq:
+                return ToolResult(str(result["output"]) or "(no output)", bool(result["error"]))
         except (ValueError, TypeError, KeyError):
-            return await self._protocol_violation()
+            pass
+        return await self._protocol_violation()
 
     async def _watch_disk(self, proc: asyncio.subprocess.Process) -> None:
         """Kill the worker when the workspace grows past the quota, during a call or between calls
@@ -277,11 +331,12 @@ class Sandbox:
         return await asyncio.to_thread(workspace_bytes, self.workspace, MAX_WORKSPACE_ENTRIES) > WORKSPACE_QUOTA_BYTES
 
     async def _protocol_violation(self) -> ToolResult:
-        """The result channel carried something the worker never writes: code wrote to it."""
+        """The result channel carried something other than this call's result: code wrote to it."""
         await self.close()
-        return ToolResult("The Python process wrote something other than a result to the harness's channel and "
-                          "was restarted. Its output is lost, and so are variables, imports and functions; files "
-                          "in the working directory remain.", is_error=True)
+        return ToolResult("The harness's result channel carried something other than this call's result (code "
+                          "wrote to it), so the Python process was restarted; this call's code may not have run. "
+                          "Output is lost, and so are variables, imports and functions; files in the working "
+                          "directory remain.", is_error=True)
 
     async def close(self) -> int | None:
         """Kill the worker and everything it started; the next call starts a fresh one."""
@@ -294,9 +349,18 @@ class Sandbox:
         await asyncio.to_thread(self._remove_cgroup)
         return code
 
-    @staticmethod
-    def _kill(proc: asyncio.subprocess.Process, cgroup: Cgroup | None) -> None:
-        """SIGKILL the worker's process group, and every process in its cgroup (setsid escapes that)."""
+    def _kill(self, proc: asyncio.subprocess.Process, cgroup: Cgroup | None) -> None:
+        """SIGKILL the worker's process group, and every process in its cgroup (setsid escapes that);
+        without a cgroup in plain mode, the reaper launcher first kills what left the group."""
+        if proc.returncode is None and cgroup is None and not self.isolate:
+            try:
+                os.kill(proc.pid, signal.SIGTERM)
+                for _ in range(200):  # up to 2 s for it to kill every process it adopted, then exit
+                    if os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT | os.WNOHANG) is not None:
+                        break
+                    time.sleep(0.01)
+            except (ProcessLookupError, ChildProcessError):
+                pass
         if proc.returncode is None:
             try:
                 os.killpg(proc.pid, signal.SIGKILL)

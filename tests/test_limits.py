@@ -2,6 +2,7 @@
 (seccomp), disk (workspace quota)."""
 import asyncio
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ from test_tools import ISOLATED, needs_bwrap, run
 
 import main
 import tools
-from limits import cgroups_usable, workspace_bytes
+from limits import Cgroup, cgroups_usable, remove_stale_cgroups, workspace_bytes
 from tools import MAX_PROCESSES, MEMORY_BYTES, Sandbox
 
 needs_cgroups = pytest.mark.skipif(not cgroups_usable(), reason="cannot create v1 memory and pids cgroups here")
@@ -182,3 +183,37 @@ def test_the_run_report_says_when_processes_are_not_bounded(monkeypatch):
     monkeypatch.setattr(main, "cgroups_usable", lambda: False)  # a host without writable cgroups
     plain = main.sandbox_report(False)
     assert "processes NOT bounded" in plain and "systemd-run --user --scope" in plain
+
+
+def test_without_cgroups_a_plain_worker_still_takes_its_escaped_processes_along(tmp_path, monkeypatch):
+    """No bubblewrap, no cgroup: the reaper launcher adopts what left the session and kills it."""
+    monkeypatch.setattr(tools, "cgroups_usable", lambda: False)
+    (tmp_path / "ws").mkdir()
+    sb = Sandbox(tmp_path / "ws", isolate=False, timeout=5)
+    marker = b"sleep\x00302"
+
+    async def go():
+        (r,) = [await sb.run("import os, subprocess\nsubprocess.Popen(['setsid', 'sleep', '302'])\n"
+                             "if os.fork() == 0:\n    os.setsid()\n    os.execvp('sleep', ['sleep', '302'])")]
+        await asyncio.sleep(0.3)
+        alive = sleeping(marker)
+        await sb.close()
+        await asyncio.sleep(0.2)
+        return r, alive
+    r, alive = asyncio.run(go())
+    assert alive, r
+    assert not sleeping(marker)
+
+
+@needs_cgroups
+def test_cgroups_left_behind_are_cleared_and_live_ones_kept():
+    old, young = Cgroup(2**30, 8), Cgroup(2**30, 8)
+    for directory in (old.memory, old.pids):
+        os.utime(directory, (time.time() - 3600, time.time() - 3600))
+    try:
+        remove_stale_cgroups()
+        assert not old.memory.exists() and not old.pids.exists()
+        assert young.memory.exists() and young.pids.exists()
+    finally:
+        old.remove()
+        young.remove()

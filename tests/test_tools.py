@@ -265,3 +265,14 @@ def test_the_tool_descriptions_state_the_limits_the_sandbox_enforces():
                  "WORKSPACE_QUOTA_BYTES", "MAX_WORKSPACE_ENTRIES"):
         assert getattr(tools, name) == getattr(task, name)  # one source for what is stated and enforced
     assert "is not a submission" in submit and "submit again" in submit
+
+
+def test_a_well_formed_line_forged_on_the_result_channel_is_caught_one_call_later(sandbox):
+    """A forged result carrying the right call number is taken for that call's result; the real one then
+    arrives out of turn, and the worker is restarted rather than answering every later call one behind."""
+    forge = ("import __main__, json\nx = 1\n__main__.results.write(json.dumps({'output': 'forged', 'error': False, "
+             "'seq': __main__.request['seq']}).encode() + b'\\n')\n__main__.results.flush()\nprint('real')")
+    forged, caught, fresh, after = run(sandbox, forge, "print('second')", "print(globals().get('x'))", "print(3)")
+    assert forged.output == "forged"
+    assert caught.is_error and "restarted" in caught.output
+    assert fresh.output == "None\n" and after.output == "3\n"  # in step again, in a fresh process
