@@ -4,6 +4,7 @@ transcript.html per run. main.py rewrites it after every finished run."""
 import itertools
 import json
 import math
+import re
 from collections import Counter
 from html import escape
 from pathlib import Path
@@ -26,10 +27,15 @@ def wilson_interval(passes: int, n: int, z: float = 1.96) -> tuple[float, float]
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def price(model: str) -> tuple[float, float] | None:
+    """USD per million input and output tokens; a dated id (claude-haiku-4-5-20251001) costs what its alias does."""
+    return PRICES.get(re.sub(r"-\d{8}$", "", model))
+
+
 def estimated_cost(model: str, usage: dict[str, int]) -> float | None:
-    if model not in PRICES:
+    if price(model) is None:
         return None
-    price_in, price_out = PRICES[model]
+    price_in, price_out = price(model)
     return (usage["input_tokens"] * price_in + usage["cache_creation_input_tokens"] * price_in * 1.25
             + usage["cache_read_input_tokens"] * price_in * 0.1 + usage["output_tokens"] * price_out) / 1e6
 
@@ -48,8 +54,13 @@ def level_row(level: int | None, runs: list, model: str, offline: bool) -> dict:
             "cost_usd": None if offline else estimated_cost(model, {k: usage[k] for k in USAGE_KEYS})}
 
 
-def recommend(rows: list[dict], runs_per_level: int, levels_available: list[int]) -> str:
-    """The level whose interval lies inside the band, or where to look next, as a command."""
+def recommend(rows: list[dict], runs_per_level: int, levels_available: list[int], flags: str = "") -> str:
+    """The level whose interval lies inside the band, or where to look next, as a command that
+    carries the sweep's other flags."""
+    return _recommend(rows, runs_per_level, levels_available).replace(" --runs ", f"{flags} --runs ")
+
+
+def _recommend(rows: list[dict], runs_per_level: int, levels_available: list[int]) -> str:
     low_band, high_band = TARGET_BAND
     graded = [r for r in rows if r["graded"]]
     if not graded:

@@ -1,9 +1,10 @@
-"""A scripted stand-in for the Anthropic Messages API: the only fake in the project.
+"""A scripted stand-in for the Anthropic Messages API, at the HTTP layer: the only fake in the project.
 
-It has the shape main.py uses (`client.messages.create(**request)` returning an
-`anthropic.types.Message`), checks each request the way the API would reject it, and
-replays a fixed list of replies. `main.py --offline` and the tests drive the real agent
-loop, sandbox and grader with it.
+`ScriptedClient` is the real `anthropic.AsyncAnthropic`, whose HTTP transport answers each
+POST /v1/messages with the next scripted reply: a Message as JSON, or as server-sent events
+when the SDK streams (as main.py does), or an HTTP error with the API's error body and
+headers. So the SDK's own request building, streaming, response parsing and exceptions are
+what `main.py --offline` and the tests run. Requests the API would refuse get its 400.
 """
 import asyncio
 import itertools
@@ -12,16 +13,18 @@ from pathlib import Path
 
 import anthropic
 import httpx2 as httpx  # the HTTP library of anthropic>=2
-from anthropic.types import Message
 
 from conversions import MISTAKES
 
 _ids = itertools.count()
-_REQUEST = httpx.Request("POST", "http://scripted-api.invalid/v1/messages")
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+               404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 500: "api_error",
+               503: "api_error", 529: "overloaded_error"}
 
 
-def reply(*blocks: dict, stop_reason: str = "tool_use") -> dict:
-    return {"content": list(blocks), "stop_reason": stop_reason}
+def reply(*blocks: dict, stop_reason: str = "tool_use", **extra) -> dict:
+    """One scripted Message; extra fields (stop_details, say) go into it as the API sends them."""
+    return {"content": list(blocks), "stop_reason": stop_reason, **extra}
 
 
 def text(s: str) -> dict:
@@ -37,16 +40,15 @@ def tool_use(name: str, tool_input: dict) -> dict:
     return {"type": "tool_use", "id": f"toolu_{next(_ids):06d}", "name": name, "input": tool_input}
 
 
-def api_error(status: int = 529, message: str = "Overloaded") -> anthropic.APIStatusError:
-    """The exception the SDK raises once its retries are spent."""
-    response = httpx.Response(status, request=_REQUEST, json={"type": "error", "error": {"message": message}})
-    cls = {400: anthropic.BadRequestError, 429: anthropic.RateLimitError}.get(
-        status, anthropic.InternalServerError if status >= 500 else anthropic.APIStatusError)
-    return cls(message, response=response, body=None)
+def http_error(status: int, message: str = "", retry_after: float | None = None) -> dict:
+    """A scripted HTTP error response, with the API's error body (and a retry-after header if given)."""
+    headers = {} if retry_after is None else {"retry-after": f"{retry_after:g}"}
+    body = {"type": "error", "error": {"type": ERROR_TYPES.get(status, "api_error"), "message": message or f"HTTP {status}"}}
+    return {"http_error": status, "body": body, "headers": headers}
 
 
-def check_request(request: dict, signed: dict[str, str]) -> None:
-    """Raise as the API would (400) for requests it refuses; `signed` maps each thinking block's
+def check_request(request: dict, signed: dict[str, str]) -> list[str]:
+    """Why the API would refuse this request (400), if it would; `signed` maps each thinking block's
     signature, as sent, to its text."""
     problems = []
     messages = request["messages"]
@@ -76,36 +78,79 @@ def check_request(request: dict, signed: dict[str, str]) -> None:
         answered = [b.get("tool_use_id") for b in following if isinstance(b, dict)][: len(asked)]
         if asked and answered != asked:
             problems.append(f"messages.{i + 1}: every tool_use needs a tool_result, first and in order")
-    if problems:
-        response = httpx.Response(400, request=_REQUEST, json={"type": "error"})
-        raise anthropic.BadRequestError("; ".join(problems), response=response, body=None)
+    return problems
 
 
-class ScriptedClient:
-    """Replays `replies` (dicts from `reply`, or exceptions to raise) one per request."""
+def sse(message: dict) -> bytes:
+    """The Message as the API streams it: message_start, each block's start/deltas/stop, message_delta, message_stop."""
+    events = [("message_start", {"message": {**message, "content": [], "stop_reason": None,
+                                             "usage": {**message["usage"], "output_tokens": 1}}})]
+    for index, block in enumerate(message["content"]):
+        if block["type"] == "text":
+            start, deltas = {"type": "text", "text": ""}, [{"type": "text_delta", "text": block["text"]}]
+        elif block["type"] == "thinking":
+            start = {"type": "thinking", "thinking": "", "signature": ""}
+            deltas = [{"type": "thinking_delta", "thinking": block["thinking"]},
+                      {"type": "signature_delta", "signature": block["signature"]}]
+        else:  # tool_use: the input arrives as JSON in pieces
+            start = {"type": "tool_use", "id": block["id"], "name": block["name"], "input": {}}
+            raw = json.dumps(block["input"])
+            deltas = [{"type": "input_json_delta", "partial_json": raw[i:i + 64]} for i in range(0, len(raw), 64)]
+        events += [("content_block_start", {"index": index, "content_block": start}),
+                   *[("content_block_delta", {"index": index, "delta": d}) for d in deltas],
+                   ("content_block_stop", {"index": index})]
+    delta = {"stop_reason": message["stop_reason"], "stop_sequence": None}
+    if "stop_details" in message:
+        delta["stop_details"] = message["stop_details"]
+    events += [("message_delta", {"delta": delta, "usage": {"output_tokens": message["usage"]["output_tokens"]}}),
+               ("message_stop", {})]
+    return b"".join(f"event: {name}\ndata: {json.dumps({'type': name, **data})}\n\n".encode() for name, data in events)
+
+
+class ScriptedTransport(httpx.AsyncBaseTransport):
+    """Answers POST /v1/messages with the scripted replies in turn; once they run out, with end_turn."""
 
     def __init__(self, replies: list, latency: float = 0.0, usage: dict | None = None):
-        self.messages = self  # so that client.messages.create works
         self.replies = iter(replies)
         self.latency = latency
         self.usage = usage  # the usage every reply reports; by default, estimated from the text sizes
         self.requests: list[dict] = []
         self.signed: dict[str, str] = {}  # the thinking blocks sent, by signature
 
-    async def create(self, **request) -> Message:
-        check_request(request, self.signed)
-        self.requests.append(request)  # main.py builds each request anew and never mutates a sent message
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        body = json.loads(await request.aread())
         if self.latency:
             await asyncio.sleep(self.latency)
+        problems = check_request(body, self.signed)
+        if problems:
+            return httpx.Response(400, json=http_error(400, "; ".join(problems))["body"])
+        self.requests.append(body)  # main.py builds each request anew and never mutates a sent message
         scripted = next(self.replies, reply(text("(the script has ended)"), stop_reason="end_turn"))
-        if isinstance(scripted, Exception):
-            raise scripted
+        if "http_error" in scripted:
+            return httpx.Response(scripted["http_error"], json=scripted["body"], headers=scripted["headers"])
         self.signed |= {b["signature"]: b["thinking"] for b in scripted["content"] if b["type"] == "thinking"}
-        return Message.model_validate({
-            "id": f"msg_{next(_ids):06d}", "type": "message", "role": "assistant", "model": request["model"],
-            "stop_sequence": None, **scripted,
-            "usage": self.usage or {"input_tokens": len(json.dumps(request["messages"])) // 4,
-                                    "output_tokens": len(json.dumps(scripted["content"])) // 4}})
+        message = {"id": f"msg_{next(_ids):06d}", "type": "message", "role": "assistant", "model": body["model"],
+                   "stop_sequence": None, **scripted,
+                   "usage": self.usage or {"input_tokens": len(json.dumps(body["messages"])) // 4,
+                                           "output_tokens": len(json.dumps(scripted["content"])) // 4}}
+        if body.get("stream"):
+            return httpx.Response(200, content=sse(message), headers={"content-type": "text/event-stream"})
+        return httpx.Response(200, json=message)
+
+
+class ScriptedClient(anthropic.AsyncAnthropic):
+    """The real SDK client, its requests served by a ScriptedTransport (no retries of its own:
+    main.py's retry policy is what runs)."""
+
+    def __init__(self, replies: list, latency: float = 0.0, usage: dict | None = None):
+        self.transport = ScriptedTransport(replies, latency, usage)
+        super().__init__(api_key="scripted", base_url="http://scripted-api.invalid", max_retries=0,
+                         http_client=httpx.AsyncClient(transport=self.transport))
+
+    @property
+    def requests(self) -> list[dict]:
+        """Every request the stand-in accepted, as JSON."""
+        return self.transport.requests
 
 
 def conversion_script(mistake: str | None) -> list:

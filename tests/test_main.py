@@ -2,6 +2,7 @@
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import main
 import report
 import tools
 from conversions import MISTAKES
-from scripted_api import ScriptedClient, api_error, conversion_script, reply, text, thinking, tool_use
+from scripted_api import ScriptedClient, conversion_script, http_error, reply, text, thinking, tool_use
 from tools import bwrap_usable
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +63,7 @@ def test_end_turn_without_submission(tmp_path):
     assert (run.outcome, run.label, run.steps) == ("fail", "no_submission", 1)
 
 
-@pytest.mark.parametrize("reason, label", [("refusal", "stop_refusal"),
+@pytest.mark.parametrize("reason, label", [("refusal", "refusal"),
                                            ("model_context_window_exceeded", "context_overflow")])
 def test_other_stop_reasons_end_with_their_own_label(tmp_path, reason, label):
     run, _ = run_script(tmp_path, [reply(text("..."), stop_reason=reason)])
@@ -102,15 +103,15 @@ def test_thinking_blocks_go_back_unchanged_and_the_budget_is_recorded(tmp_path):
 
 def test_an_altered_thinking_block_is_refused_like_the_api_does():
     client = ScriptedClient([reply(thinking("plan"), tool_use("python", {"code": "1"}))])
-    first = asyncio.run(client.create(model="m", max_tokens=4096, thinking={"type": "enabled", "budget_tokens": 1024},
-                                      messages=[{"role": "user", "content": "go"}]))
+    first = asyncio.run(client.messages.create(model="m", max_tokens=4096, messages=[{"role": "user", "content": "go"}],
+                                               thinking={"type": "enabled", "budget_tokens": 1024}))
     block = first.content[0].model_dump()
     for changed in ({**block, "thinking": "another plan"}, {**block, "signature": "forged"}):
         messages = [{"role": "user", "content": "go"}, {"role": "assistant", "content": [changed, first.content[1].model_dump()]},
                     {"role": "user", "content": [{"type": "tool_result", "tool_use_id": first.content[1].id, "content": "1"}]}]
         with pytest.raises(anthropic.BadRequestError, match="thinking block"):
-            asyncio.run(client.create(model="m", max_tokens=4096, messages=messages,
-                                      thinking={"type": "enabled", "budget_tokens": 1024}))
+            asyncio.run(client.messages.create(model="m", max_tokens=4096, messages=messages,
+                                               thinking={"type": "enabled", "budget_tokens": 1024}))
 
 
 @pytest.mark.parametrize("flags", [["--thinking", "512"], ["--thinking", "16000"], ["--thinking", "2000", "--max-tokens", "1500"]])
@@ -146,22 +147,86 @@ def test_unknown_tool_and_malformed_input_get_error_results(tmp_path):
     assert "outside the working directory" in results[3]["content"]
 
 
-def test_api_error_after_retries_is_an_error_not_a_failure(tmp_path):
-    run, _ = run_script(tmp_path, [reply(tool_use("python", {"code": "1"})), api_error(529)])
-    assert (run.outcome, run.label) == ("error", "api_error")
-    summary = main.Sweep(main.parse_args(["--out", str(tmp_path)]), 1, "test", [run]).summary()
+def test_transient_errors_cost_a_retry_not_the_run(tmp_path, monkeypatch):
+    """429, 529 and 500 with retry-after are retried by the loop (through the real SDK), and the run goes on."""
+    slept = []
+
+    async def no_sleep(seconds):
+        slept.append(seconds)
+    monkeypatch.setattr(main, "wait_before_retry", no_sleep)
+    script = [http_error(429, "rate limited", retry_after=7), http_error(529, "Overloaded"),
+              http_error(500, "internal", retry_after=0), *conversion_script(None)]
+    run, _ = run_script(tmp_path, script)
+    assert (run.outcome, run.label, run.steps) == ("pass", "pass", 2)
+    assert slept == [7, 2.0, 0]  # retry-after honoured; without it, the backoff (doubled once already)
+
+
+def test_transient_errors_past_the_retry_budget_make_an_api_error(tmp_path, monkeypatch):
+    async def no_sleep(seconds):
+        pass
+    monkeypatch.setattr(main, "wait_before_retry", no_sleep)
+    monkeypatch.setattr(main, "RETRY_BUDGET_S", 100)  # doublings from 1 s pass 100 s after 7 waits
+    run, _ = run_script(tmp_path, [reply(tool_use("python", {"code": "1"})), *[http_error(529)] * 20])
+    assert (run.outcome, run.label) == ("error", "api_error") and "OverloadedError (529)" in run.detail
+    summary = main.Sweep(main.parse_args(["--out", str(tmp_path / "s")]), 1, "test", [run]).summary()
     assert summary["graded"] == 0 and summary["errors"] == {"api_error": 1} and summary["pass_rate"] is None
 
 
+@pytest.mark.parametrize("status, message", [(401, "invalid x-api-key"), (404, "model: claude-nope"),
+                                             (403, "permission"), (400, "tools.0: bad schema")])
+def test_fatal_errors_stop_the_whole_sweep_at_once(tmp_path, capsys, status, message):
+    opts = main.parse_args(["--levels", "1-2", "--runs", "3", "--out", str(tmp_path), "--concurrency", "1"])
+    planned = main.plan(opts)
+    clients = [ScriptedClient([http_error(status, message)])] + [ScriptedClient(conversion_script(None))] * 5
+    sweep = main.Sweep(opts, len(planned), "test")
+    asyncio.run(main.run_all([run for run, _, _ in planned], clients, opts, ISOLATE, sweep))
+    assert [r.label for r in sweep.done] == ["api_fatal"] and sweep.skipped == 5
+    assert message in sweep.fatal and str(status) in sweep.fatal
+    assert message in sweep.summary()["skipped_reason"]
+
+
+def test_a_fatal_error_exits_non_zero_with_one_line_naming_the_cause(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-test")
+    monkeypatch.setattr(main.anthropic, "AsyncAnthropic", lambda **_: ScriptedClient([http_error(401, "invalid x-api-key")]))
+    code = main.main(["--runs", "4", "--out", str(tmp_path / "s"), "--allow-unisolated"])
+    err = capsys.readouterr().err
+    assert code == 1 and "the API refused the sweep" in err and "invalid x-api-key" in err
+
+
 def test_context_overflow_is_the_models_failure(tmp_path):
-    too_long = api_error(400, "prompt is too long: 210000 tokens > 200000 maximum")
+    too_long = http_error(400, "prompt is too long: 210000 tokens > 200000 maximum")
     run, _ = run_script(tmp_path, [reply(tool_use("python", {"code": "1"})), too_long])
     assert (run.outcome, run.label) == ("fail", "context_overflow")
 
 
-def test_a_harness_crash_is_recorded_and_other_runs_finish(tmp_path):
+def test_pause_turn_is_sent_back_and_refusal_is_its_own_label(tmp_path):
+    script = [reply(text("thinking long"), stop_reason="pause_turn"),
+              reply(text("no"), stop_reason="refusal", stop_details={"type": "refusal", "category": "cyber"})]
+    run, client = run_script(tmp_path, script)
+    assert (run.outcome, run.label, run.steps) == ("fail", "refusal", 2)
+    assert '"category": "cyber"' in run.detail
+    resent = client.requests[1]["messages"]
+    assert resent[-1]["role"] == "assistant" and resent[-1]["content"][0]["text"] == "thinking long"
+
+
+def test_any_max_tokens_the_api_accepts_streams(tmp_path):
+    """Non-streaming requests above ~21,333 max_tokens are refused by the SDK itself; streamed ones are not."""
+    run, client = run_script(tmp_path, conversion_script(None), "--max-tokens", "64000", "--thinking", "60000")
+    assert run.outcome == "pass" and all(r["stream"] is True for r in client.requests)
+    with pytest.raises(SystemExit):
+        main.parse_args(["--max-tokens", "64001"])
+
+
+def test_a_harness_crash_is_recorded_and_other_runs_finish(tmp_path, monkeypatch):
     opts = main.parse_args(["--level", "1", "--out", str(tmp_path)])
-    clients = [ScriptedClient([RuntimeError("boom")]), ScriptedClient(conversion_script(None))]
+    real = main.task.make_instance
+
+    def broken(level, seed):
+        if seed == 0:
+            raise RuntimeError("boom")
+        return real(level, seed)
+    monkeypatch.setattr(main.task, "make_instance", broken)
+    clients = [ScriptedClient(conversion_script(None)), ScriptedClient(conversion_script(None))]
     sweep = main.Sweep(opts, 2, "test")
     asyncio.run(main.run_all([main.Run(0, 0, 1), main.Run(1, 1, 1)], clients, opts, ISOLATE, sweep))
     by_id = {r.run_id: r for r in sweep.done}
@@ -217,13 +282,14 @@ def test_no_key_exits_2_with_one_clear_line(tmp_path):
     assert r.stderr.count("\n") == 1 and "ANTHROPIC_API_KEY" in r.stderr and "--offline" in r.stderr
 
 
-def test_isolation_is_required_only_when_asked(tmp_path):
-    """With no bwrap on PATH: --require-isolation refuses; without it the runs go on, with a warning."""
-    env = {"PATH": str(tmp_path / "empty")}
+def test_isolation_is_required_against_the_api_unless_waived(tmp_path):
+    """With no bwrap on PATH: a sweep against the API refuses to start; offline runs go on, with a warning."""
+    env = {"PATH": str(tmp_path / "empty"), "ANTHROPIC_API_KEY": "sk-test"}
+    refused = subprocess.run([sys.executable, "main.py", "--out", str(tmp_path / "api")], cwd=ROOT, env=env,
+                             capture_output=True, text=True, check=False)
+    assert refused.returncode == 2 and "--allow-unisolated" in refused.stderr and "Traceback" not in refused.stderr
+    assert not (tmp_path / "api").exists()
     cmd = [sys.executable, "main.py", "--offline", "--level", "1", "--out", str(tmp_path / "out")]
-    refused = subprocess.run([*cmd, "--require-isolation"], cwd=ROOT, env=env, capture_output=True, text=True,
-                             check=False)
-    assert refused.returncode == 2 and "bubblewrap" in refused.stderr and "Traceback" not in refused.stderr
     degraded = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
     assert degraded.returncode == 0 and degraded.stderr.count("WARNING: not isolated") == 1
     assert "offline check OK" in degraded.stdout
@@ -287,3 +353,43 @@ def test_run_lines_keep_one_column_for_steps_whatever_the_label():
     lines = [main.run_line(main.Run(0, 0, 7, outcome, label)) for outcome, label in ends]
     assert len({line.index(" steps ") for line in lines}) == 1
     assert all(len(label) <= main.LABEL_WIDTH for label in [*MISTAKES, "context_overflow", "harness_error"])
+
+
+def test_a_refused_submission_leaves_the_worker_and_its_variables(tmp_path, monkeypatch):
+    """Every check that can refuse a submission runs before the worker is stopped."""
+    refuse = {"left": 1}
+
+    def copy_or_refuse(source, dest, max_bytes):
+        if refuse["left"]:
+            refuse["left"] -= 1
+            raise main.SubmitError(f"{source.name} cannot be read: Permission denied")
+        shutil.copy(source, dest)
+    monkeypatch.setattr(main, "copy_submission", copy_or_refuse)
+    script = [reply(tool_use("python", {"code": "x = 41\nopen('a.npz', 'wb').write(b'x')"})),
+              reply(tool_use("submit", {"path": "a.npz"})), reply(tool_use("python", {"code": "print(x + 1)"})),
+              reply(tool_use("submit", {"path": "a.npz"}))]
+    run, client = run_script(tmp_path, script)
+    assert "Not submitted" in results_of(client.requests[2])[0]["content"]
+    assert results_of(client.requests[3])[0]["content"] == "42\n"
+    assert (run.outcome, run.label) == ("fail", "unreadable")
+
+
+def test_records_carry_what_anyone_needs_and_workspaces_go(tmp_path):
+    assert main.main(["--offline", "--level", "1", "--out", str(tmp_path / "s")]) == 0
+    lines = [json.loads(line) for line in (tmp_path / "s" / "results.jsonl").read_text().splitlines()]
+    summary = json.loads((tmp_path / "s" / "summary.json").read_text())
+    for record in (*lines, summary):
+        assert record["schema"] == main.SCHEMA_VERSION and record["task_version"] == main.task_version()
+        assert record["model"] == main.DEFAULT_MODEL and record["max_tokens"] == main.DEFAULT_MAX_TOKENS
+        assert record["started_at"] <= record["ended_at"]
+    assert {line["reward"] for line in lines} == {0.0, 1.0}
+    assert not list((tmp_path / "s").glob("run-*/workspace")) and list((tmp_path / "s").glob("run-*/submission.npz"))
+    assert main.main(["--offline", "--level", "1", "--out", str(tmp_path / "k"), "--keep-workspaces"]) == 0
+    assert len(list((tmp_path / "k").glob("run-*/workspace"))) == 4
+
+
+def test_resume_refuses_a_sweep_made_with_other_task_code(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps({"task_version": "0123456789abcdef", "levels": [1]}))
+    with pytest.raises(SystemExit):
+        main.parse_args(["--resume", str(tmp_path)])
+    assert "other task code" in capsys.readouterr().err

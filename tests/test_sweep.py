@@ -41,7 +41,11 @@ def test_a_sweep_interleaves_levels_and_recommends_where_the_band_falls(tmp_path
     assert rows[3]["top_failures"] == ["no_submission"] and rows[1]["overlaps_band"] is False
     assert rows[2]["wilson_95"] == pytest.approx(report.wilson_interval(2, 3))
     assert "falls between level 2 (67%) and level 3 (0%)" in summary["recommendation"]
-    assert "python main.py --levels 2-3 --runs 10" in summary["recommendation"]
+    command = summary["recommendation"].split("next: python main.py ")[1].split()
+    assert command == ["--levels", "2-3", "--model", "claude-haiku-4-5", "--seed", "0", "--max-steps", "40",
+                       "--max-tokens", "16000", "--max-cost", "6", "--runs", "10"]
+    follow = main.parse_args([*command, "--out", str(tmp_path / "next")])  # the command parses, with every flag kept
+    assert (follow.levels, follow.model, follow.max_cost, follow.runs) == ([2, 3], s.opts.model, s.opts.max_cost, 10)
     main.print_summary(summary)
     out = capsys.readouterr().out
     assert "no_submission" in out and summary["recommendation"] in out
@@ -264,9 +268,36 @@ def test_resume_with_keys_missing_from_config_uses_the_defaults(finished, capsys
 
 
 @pytest.mark.parametrize("flags, message", [(["--seed", "-1"], "non-negative"), (["--level", "12"], "invalid choice"),
-                                            (["--runs", "0"], "must be positive"), (["--concurrency", "-2"], "positive"),
-                                            (["--levels", "0-3"], "levels must lie in 1-11")])
+                                            (["--runs", "0"], "--runs must be a positive integer"), (["--concurrency", "-2"], "positive"),
+                                            (["--levels", "0-3"], "levels must lie in 1-11"),
+                                            (["--max-cost", "-1"], "--max-cost"), (["--max-cost", "nan"], "--max-cost"),
+                                            (["--max-tokens", "64001"], "--max-tokens must be at most 64000")])
 def test_bad_flags_are_refused_with_a_clear_message(flags, message, capsys):
     with pytest.raises(SystemExit) as e:
         main.parse_args(flags)
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_levels_are_sorted_each_once_and_dated_models_are_priced(tmp_path):
+    assert main.parse_args(["--levels", "7,5,5", "--out", str(tmp_path / "a")]).levels == [5, 7]
+    assert report.price("claude-haiku-4-5-20251001") == report.price("claude-haiku-4-5") is not None
+    prior = report.estimated_cost(main.DEFAULT_MODEL, main.PRIOR_RUN_USAGE)
+    assert main.DEFAULT_RUNS * prior <= main.DEFAULT_MAX_COST  # the default command fits the default cap
+
+
+def test_sweeps_never_share_or_merge_a_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    first, second = main.parse_args([]), main.parse_args([])
+    assert first.out != second.out  # two sweeps started in the same second
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "results.jsonl").write_text("")
+    with pytest.raises(SystemExit):
+        main.parse_args(["--out", str(tmp_path / "used")])
+    (tmp_path / "empty").mkdir()
+    assert main.parse_args(["--out", str(tmp_path / "empty")]).out == tmp_path / "empty"
+
+
+def test_an_output_path_that_cannot_be_made_is_a_clean_error(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    assert main.main(["--offline", "--level", "1", "--out", str(tmp_path / "file" / "sub")]) == 2
+    assert "--out" in capsys.readouterr().err
