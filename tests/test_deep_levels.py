@@ -227,7 +227,8 @@ def test_reference_logits_cover_every_token_and_are_the_originals(tmp_path):
     assert np.allclose(source_model.forward(inst.original(), tokens[0]), logits[0], atol=1e-12)
 
 
-@pytest.mark.parametrize("level", [7, 8])
+@pytest.mark.soak  # long: python -m pytest -m soak (.ci/run runs it)
+@pytest.mark.parametrize("level", [7, 8, 10])
 @pytest.mark.parametrize("start", range(0, 50, 10))
 def test_float32_reference_passes_on_fifty_instances(level, start, save):
     for seed in range(start, start + 10):
@@ -236,6 +237,7 @@ def test_float32_reference_passes_on_fifty_instances(level, start, save):
         assert g.passed, (seed, g)
 
 
+@pytest.mark.soak  # long: python -m pytest -m soak (.ci/run runs it)
 def test_float32_reference_passes_on_twenty_draws_of_sequences(save):
     """Files that differ only in an ignored key are graded on different sequences."""
     for seed in (100, 101, 102):

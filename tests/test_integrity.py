@@ -96,6 +96,7 @@ def mutate(data: bytes, rng: np.random.Generator, ref: dict) -> bytes:
     return bytes(data)
 
 
+@pytest.mark.soak  # long: python -m pytest -m soak (.ci/run runs it)
 def test_fuzzed_submissions_never_raise_and_never_pass_wrongly(ref, tmp_path):
     rng = np.random.default_rng(0)
     valid = archive(ref)

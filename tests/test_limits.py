@@ -62,6 +62,7 @@ def hog_and_neighbour(tmp_path, code: str):
     return asyncio.run(go())
 
 
+@pytest.mark.soak  # long: python -m pytest -m soak (.ci/run runs it)
 @needs_cgroups
 def test_memfd_memory_is_bounded_for_the_whole_worker(tmp_path):
     hogged, neighbour = hog_and_neighbour(tmp_path, MEMFD_HOG)
@@ -70,6 +71,7 @@ def test_memfd_memory_is_bounded_for_the_whole_worker(tmp_path):
     assert neighbour.output == "calm\n"
 
 
+@pytest.mark.soak  # long: python -m pytest -m soak (.ci/run runs it)
 @needs_cgroups
 def test_forked_allocations_are_bounded_together(tmp_path):
     hogged, neighbour = hog_and_neighbour(tmp_path, FORK_HOG)
