@@ -18,6 +18,7 @@ import main
 from conversions import convert
 from grader import grade
 from scripted_api import ScriptedClient, reply, text, tool_use
+from sweep import Sweep
 from task import CALL_TIMEOUT_S, make_instance, write_workspace
 from tools import Sandbox, bwrap_usable
 
@@ -68,7 +69,7 @@ def timed_batch(tmp: Path, runs: int, steps: int, latency: float, concurrency: i
     opts = main.parse_args(["--level", "1", "--out", str(tmp), "--concurrency", str(concurrency),
                             "--max-steps", str(steps)])
     clients = [ScriptedClient(list(script), latency=latency) for _ in range(runs)]
-    sweep = main.Sweep(opts, runs, "bench")
+    sweep = Sweep(opts, runs, "bench")
     start = time.perf_counter()
     asyncio.run(main.run_all([main.Run(i, i, 1) for i in range(runs)], clients, opts, isolated, sweep))
     elapsed = time.perf_counter() - start

@@ -1,6 +1,7 @@
 """The report of a sweep: statistics per level, the console table and recommendation, and
 report.html, one self-contained page (no network, no scripts) with a readable
 transcript.html per run. main.py rewrites it after every finished run."""
+import argparse
 import itertools
 import json
 import math
@@ -9,12 +10,23 @@ from collections import Counter
 from html import escape
 from pathlib import Path
 
+from conversions import MISTAKES
+
 TARGET_BAND = (0.10, 0.40)
 HALF_WIDTH = 0.15  # the interval half-width a recommended rerun aims for
 USAGE_KEYS = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
 # USD per million tokens (input, output); cache writes cost 1.25x input, cache reads 0.1x.
 PRICES = {"claude-haiku-4-5": (1.0, 5.0), "claude-sonnet-4-5": (3.0, 15.0), "claude-opus-4-5": (5.0, 25.0)}
 BAND_FILL = "#dcefdc"
+# Every label a run can end with, and its outcome: pass and fail are graded, error and stopped are not (a run
+# stopped by another run's fatal API error is `stopped` with the label api_fatal; stop_<reason> is a fail).
+RUN_LABELS = {"pass": "pass",
+              **dict.fromkeys([*MISTAKES, "precision", "other", "missing_key", "bad_shape", "bad_dtype", "not_finite",
+                               "unreadable", "too_large", "no_submission", "max_steps", "disk_quota", "context_overflow",
+                               "refusal"], "fail"),
+              **dict.fromkeys(["api_error", "api_fatal", "harness_error", "ungradable"], "error"),
+              "spending_cap": "stopped"}
+LABEL_WIDTH = max(map(len, RUN_LABELS))  # so the console keeps its columns
 
 
 def wilson_interval(passes: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -205,3 +217,36 @@ def transcript_html(run) -> str:
                 out.append(f"<details><summary>result{error}</summary><pre>{escape(str(block['content']))}</pre>"
                            "</details>")
     return "".join(out) + "</body></html>\n"
+
+
+def run_line(run) -> str:  # a main.Run
+    tokens = f"{run.usage['input_tokens'] + run.usage['cache_read_input_tokens'] + run.usage['cache_creation_input_tokens']}" \
+             f"/{run.usage['output_tokens']}"
+    return (f"run {run.run_id:03d} L{run.level} seed {run.seed:<6} {run.outcome.upper():7} {run.label:<{LABEL_WIDTH}} "
+            f"steps {run.steps:<3} tokens in/out {tokens:<14} {run.seconds:6.1f}s")
+
+
+def next_flags(opts: argparse.Namespace) -> str:
+    """The sweep's flags that a follow-up command must carry (all but the levels and runs it picks)."""
+    flags = f" --model {opts.model} --seed {opts.seed} --max-steps {opts.max_steps} --max-tokens {opts.max_tokens}"
+    return flags + (f" --thinking {opts.thinking}" if opts.thinking else "") + f" --max-cost {opts.max_cost:g}"
+
+
+def print_summary(s: dict) -> None:
+    print("\n== summary ==")
+    if s["runs_finished"] + s["skipped"] < s["runs_planned"]:
+        print(f"interrupted: {s['runs_finished']} of {s['runs_planned']} runs finished")
+    if s["skipped"]:
+        print(f"skipped: {s['skipped']} runs never started: {s['skipped_reason']}")
+    if s["stopped"]:
+        print(f"stopped: {s['stopped']} runs ended unfinished ({s['skipped_reason'] or 'the sweep stopped'}), neither "
+              "pass nor fail (not in the pass rate); --resume starts them over")
+    print_table(s)
+    if s["errors"]:
+        print(f"errors (not in the pass rate): {sum(s['errors'].values())} "
+              + ", ".join(f"{k} {v}" for k, v in s["errors"].items()))
+    t = s["tokens"]
+    print(f"tokens: input {t['input']}, output {t['output']}, cache write {t['cache_write']}, "
+          f"cache read {t['cache_read']}; estimated cost {s['cost_text']}")
+    thinking = f"{s['thinking_budget']} tokens" if s["thinking_budget"] else "off"
+    print(f"wall time {s['wall_seconds']}s; extended thinking {thinking}; sandbox: {s['isolation']}")

@@ -47,6 +47,8 @@ PROJECT = Path(__file__).resolve().parent
 # minus every directory of installed packages and this project (hidden_paths).
 SYSTEM_PATHS = tuple(dict.fromkeys(("/usr", "/bin", "/lib", "/lib64", "/lib32", "/sbin", "/etc/ld.so.cache",
                                     "/etc/localtime", sys.base_prefix, sys.prefix)))
+# Where the harness cannot make cgroups (a normal user on cgroup v2), this bounds the whole sweep instead.
+SYSTEMD_SCOPE = "systemd-run --user --scope -p MemoryMax=16G -p TasksMax=1024"
 MAX_SYMLINKS = 40  # as the kernel's own limit on symlinks followed in one lookup
 
 # Runs inside the sandbox as `python -c`. Requests and results travel as JSON lines on the
@@ -435,3 +437,20 @@ def copy_submission(source: Path, dest: Path, max_bytes: int) -> None:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise SubmitError(f"{source.name} is not a regular file")
         out.write(src.read(max_bytes + 1))
+
+
+def sandbox_report(isolate: bool) -> str:
+    """What bounds the workers on this host, for the run report."""
+    parts = [f"bubblewrap (workspace at {SANDBOX_WORKSPACE})" if isolate else
+             "WARNING: not isolated (bwrap missing or unusable): plain processes"]
+    if isolate:
+        parts.append("no new user namespaces (seccomp)" if userns_filter() else
+                     "WARNING: user namespaces not blocked (no seccomp filter for this architecture)")
+    if cgroups_usable():
+        parts.append(f"cgroup per worker: {MEMORY_BYTES >> 30} GiB memory, {MAX_PROCESSES} processes")
+    else:  # RLIMIT_NPROC counts a whole uid's processes, so it binds only under a uid of the worker's own
+        processes = f"{MAX_PROCESSES} processes (RLIMIT_NPROC, a uid per worker)" if isolate and os.geteuid() == 0 \
+            else "processes NOT bounded"
+        parts.append(f"WARNING: no cgroup could be created: memory bounded per process only (RLIMIT_AS), {processes}; "
+                     f"to bound the whole sweep, start it as {SYSTEMD_SCOPE} python main.py ...")
+    return "; ".join(parts)

@@ -182,8 +182,8 @@ def test_the_process_limit_holds_with_and_without_bubblewrap(isolate, tmp_path):
 
 
 def test_the_run_report_says_when_processes_are_not_bounded(monkeypatch):
-    monkeypatch.setattr(main, "cgroups_usable", lambda: False)  # a host without writable cgroups
-    plain = main.sandbox_report(False)
+    monkeypatch.setattr(tools, "cgroups_usable", lambda: False)  # a host without writable cgroups
+    plain = tools.sandbox_report(False)
     assert "processes NOT bounded" in plain and "systemd-run --user --scope" in plain
 
 

@@ -14,9 +14,11 @@ import pytest
 
 import main
 import report
+import sweep as sweeps
 import tools
 from conversions import MISTAKES
 from scripted_api import ScriptedClient, conversion_script, http_error, reply, text, thinking, tool_use
+from sweep import SCHEMA_VERSION, Sweep, task_version
 from tools import bwrap_usable
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -168,7 +170,7 @@ def test_transient_errors_past_the_retry_budget_make_an_api_error(tmp_path, monk
     monkeypatch.setattr(main, "RETRY_BUDGET_S", 100)  # doublings from 1 s pass 100 s after 7 waits
     run, _ = run_script(tmp_path, [reply(tool_use("python", {"code": "1"})), *[http_error(529)] * 20])
     assert (run.outcome, run.label) == ("error", "api_error") and "OverloadedError (529)" in run.detail
-    summary = main.Sweep(main.parse_args(["--out", str(tmp_path / "s")]), 1, "test", [run]).summary()
+    summary = Sweep(main.parse_args(["--out", str(tmp_path / "s")]), 1, "test", [run]).summary()
     assert summary["graded"] == 0 and summary["errors"] == {"api_error": 1} and summary["pass_rate"] is None
 
 
@@ -178,7 +180,7 @@ def test_fatal_errors_stop_the_whole_sweep_at_once(tmp_path, capsys, status, mes
     opts = main.parse_args(["--levels", "1-2", "--runs", "3", "--out", str(tmp_path), "--concurrency", "1"])
     planned = main.plan(opts)
     clients = [ScriptedClient([http_error(status, message)])] + [ScriptedClient(conversion_script(None))] * 5
-    sweep = main.Sweep(opts, len(planned), "test")
+    sweep = Sweep(opts, len(planned), "test")
     asyncio.run(main.run_all([run for run, _, _ in planned], clients, opts, ISOLATE, sweep))
     assert [r.label for r in sweep.done] == ["api_fatal"] and sweep.skipped == 5
     assert message in sweep.fatal and str(status) in sweep.fatal
@@ -227,7 +229,7 @@ def test_a_harness_crash_is_recorded_and_other_runs_finish(tmp_path, monkeypatch
         return real(level, seed)
     monkeypatch.setattr(main.task, "make_instance", broken)
     clients = [ScriptedClient(conversion_script(None)), ScriptedClient(conversion_script(None))]
-    sweep = main.Sweep(opts, 2, "test")
+    sweep = Sweep(opts, 2, "test")
     asyncio.run(main.run_all([main.Run(0, 0, 1), main.Run(1, 1, 1)], clients, opts, ISOLATE, sweep))
     by_id = {r.run_id: r for r in sweep.done}
     assert by_id[0].label == "harness_error" and "boom" in by_id[0].detail
@@ -254,7 +256,7 @@ def test_runs_overlap_in_time(tmp_path):
     script = [reply(tool_use("python", {"code": "1"})), reply(tool_use("python", {"code": "2"})),
               reply(text("done"), stop_reason="end_turn")]
     clients = [ScriptedClient(list(script), latency=latency) for _ in range(n)]
-    sweep = main.Sweep(opts, n, "test")
+    sweep = Sweep(opts, n, "test")
     start = time.monotonic()
     asyncio.run(main.run_all([main.Run(i, i, 1) for i in range(n)], clients, opts, ISOLATE, sweep))
     elapsed = time.monotonic() - start
@@ -350,9 +352,9 @@ def test_hostile_tool_inputs_and_files_end_as_a_labelled_fail_not_an_error(tmp_p
 
 def test_run_lines_keep_one_column_for_steps_whatever_the_label():
     ends = [("pass", "pass"), ("fail", "shared_expert_scaling"), ("stopped", "spending_cap"), ("error", "ungradable")]
-    lines = [main.run_line(main.Run(0, 0, 7, outcome, label)) for outcome, label in ends]
+    lines = [report.run_line(main.Run(0, 0, 7, outcome, label)) for outcome, label in ends]
     assert len({line.index(" steps ") for line in lines}) == 1
-    assert all(len(label) <= main.LABEL_WIDTH for label in [*MISTAKES, "context_overflow", "harness_error"])
+    assert all(len(label) <= report.LABEL_WIDTH for label in [*MISTAKES, "context_overflow", "harness_error"])
 
 
 def test_a_refused_submission_leaves_the_worker_and_its_variables(tmp_path, monkeypatch):
@@ -379,8 +381,8 @@ def test_records_carry_what_anyone_needs_and_workspaces_go(tmp_path):
     lines = [json.loads(line) for line in (tmp_path / "s" / "results.jsonl").read_text().splitlines()]
     summary = json.loads((tmp_path / "s" / "summary.json").read_text())
     for record in (*lines, summary):
-        assert record["schema"] == main.SCHEMA_VERSION and record["task_version"] == main.task_version()
-        assert record["model"] == main.DEFAULT_MODEL and record["max_tokens"] == main.DEFAULT_MAX_TOKENS
+        assert record["schema"] == SCHEMA_VERSION and record["task_version"] == task_version()
+        assert record["model"] == sweeps.DEFAULT_MODEL and record["max_tokens"] == sweeps.DEFAULT_MAX_TOKENS
         assert record["started_at"] <= record["ended_at"]
     assert {line["reward"] for line in lines} == {0.0, 1.0}
     assert not list((tmp_path / "s").glob("run-*/workspace")) and list((tmp_path / "s").glob("run-*/submission.npz"))

@@ -12,13 +12,15 @@ from test_main import ISOLATE
 
 import main
 import report
+import sweep as sweeps
 from scripted_api import ScriptedClient, conversion_script, reply, text, tool_use
+from sweep import DEFAULT_MAX_COST, PRIOR_RUN_USAGE, Sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 GIVE_UP = [reply(text("I give up."), stop_reason="end_turn")]
 
 
-def sweep(tmp_path, passes_per_level: dict[int, int], runs: int, *flags: str, usage=None) -> main.Sweep:
+def sweep(tmp_path, passes_per_level: dict[int, int], runs: int, *flags: str, usage=None) -> Sweep:
     """Run a sweep whose level L passes passes_per_level[L] of `runs` times (the rest give up)."""
     levels = sorted(passes_per_level)
     opts = main.parse_args(["--levels", ",".join(map(str, levels)), "--runs", str(runs), "--out", str(tmp_path),
@@ -26,7 +28,7 @@ def sweep(tmp_path, passes_per_level: dict[int, int], runs: int, *flags: str, us
     planned = main.plan(opts)
     clients = [ScriptedClient(conversion_script(None) if run.seed < passes_per_level[run.level] else GIVE_UP,
                               usage=usage) for run, _, _ in planned]
-    s = main.Sweep(opts, len(planned), "test")
+    s = Sweep(opts, len(planned), "test")
     asyncio.run(main.run_all([run for run, _, _ in planned], clients, opts, ISOLATE, s))
     return s
 
@@ -46,7 +48,7 @@ def test_a_sweep_interleaves_levels_and_recommends_where_the_band_falls(tmp_path
                        "--max-tokens", "16000", "--max-cost", "6", "--runs", "10"]
     follow = main.parse_args([*command, "--out", str(tmp_path / "next")])  # the command parses, with every flag kept
     assert (follow.levels, follow.model, follow.max_cost, follow.runs) == ([2, 3], s.opts.model, s.opts.max_cost, 10)
-    main.print_summary(summary)
+    report.print_summary(summary)
     out = capsys.readouterr().out
     assert "no_submission" in out and summary["recommendation"] in out
     assert "3/3 done" not in out and "9/9 done" in out and "passes L1 3/3 L2 2/3 L3 0/3" in out
@@ -59,13 +61,13 @@ def test_a_sweep_interleaves_levels_and_recommends_where_the_band_falls(tmp_path
 ])
 def test_recommendations(passes, expected):
     rows = [report.level_row(lv, [main.Run(i, i, lv, "pass" if i < n else "fail", "x") for i in range(10)],
-                             main.DEFAULT_MODEL, False) for lv, n in passes.items()]
+                             sweeps.DEFAULT_MODEL, False) for lv, n in passes.items()]
     assert expected in report.recommend(rows, 10, [1, 2, 3, 4, 5, 6])
 
 
 def test_a_level_inside_the_band_is_recommended():
     row = report.level_row(6, [main.Run(i, i, 6, "pass" if i < 25 else "fail", "x") for i in range(100)],
-                           main.DEFAULT_MODEL, False)
+                           sweeps.DEFAULT_MODEL, False)
     assert report.recommend([row], 100, [6]).startswith("recommended level: 6 (25%")
 
 
@@ -77,7 +79,7 @@ def test_the_spending_cap_stops_new_runs(tmp_path, capsys):
     summary = s.summary()
     assert summary["skipped"] == 3 and "$1.00" in summary["skipped_reason"]
     assert summary["spent_usd"] == pytest.approx(1.05) and summary["max_cost_usd"] == 1
-    main.print_summary(summary)
+    report.print_summary(summary)
     out = capsys.readouterr().out
     assert "skipped: 3 runs never started" in out and "$1.05 of the $1.00 cap" in out
 
@@ -86,12 +88,12 @@ def looping(steps: int) -> list:
     return [reply(tool_use("python", {"code": "pass"})) for _ in range(steps)] + GIVE_UP
 
 
-def capped_sweep(tmp_path, runs: int, concurrency: int, cap: str, usage: dict | None, steps: int = 10) -> main.Sweep:
+def capped_sweep(tmp_path, runs: int, concurrency: int, cap: str, usage: dict | None, steps: int = 10) -> Sweep:
     opts = main.parse_args(["--level", "1", "--runs", str(runs), "--out", str(tmp_path), "--max-cost", cap,
                             "--concurrency", str(concurrency), "--max-steps", str(steps + 2)])
     planned = main.plan(opts)
     clients = [ScriptedClient(looping(steps), latency=0.01, usage=usage) for _ in planned]
-    s = main.Sweep(opts, len(planned), "test")
+    s = Sweep(opts, len(planned), "test")
     asyncio.run(main.run_all([run for run, _, _ in planned], clients, opts, ISOLATE, s))
     return s
 
@@ -281,8 +283,8 @@ def test_bad_flags_are_refused_with_a_clear_message(flags, message, capsys):
 def test_levels_are_sorted_each_once_and_dated_models_are_priced(tmp_path):
     assert main.parse_args(["--levels", "7,5,5", "--out", str(tmp_path / "a")]).levels == [5, 7]
     assert report.price("claude-haiku-4-5-20251001") == report.price("claude-haiku-4-5") is not None
-    prior = report.estimated_cost(main.DEFAULT_MODEL, main.PRIOR_RUN_USAGE)
-    assert main.DEFAULT_RUNS * prior <= main.DEFAULT_MAX_COST  # the default command fits the default cap
+    prior = report.estimated_cost(sweeps.DEFAULT_MODEL, PRIOR_RUN_USAGE)
+    assert sweeps.DEFAULT_RUNS * prior <= DEFAULT_MAX_COST  # the default command fits the default cap
 
 
 def test_sweeps_never_share_or_merge_a_directory(tmp_path, monkeypatch):
