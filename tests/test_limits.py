@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 from test_tools import ISOLATED, needs_bwrap, run
 
-import main
 import tools
 from limits import Cgroup, cgroups_usable, remove_stale_cgroups, workspace_bytes
 from tools import MAX_PROCESSES, MEMORY_BYTES, Sandbox
