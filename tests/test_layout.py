@@ -56,3 +56,12 @@ def test_every_link_in_the_readme_and_docs_resolves():
 
 def test_the_readme_is_a_front_page():
     assert len((ROOT / "README.md").read_text().splitlines()) <= 200
+
+
+def test_the_readme_names_every_label_a_run_can_end_with():
+    """report.RUN_LABELS is the one table of labels (it sets the console's width); the README explains each."""
+    import report
+    section = (ROOT / "README.md").read_text().split("## Why runs fail", 1)[1].split("\n## ", 1)[0]
+    missing = [label for label in report.RUN_LABELS if f"`{label}`" not in section]
+    assert missing == []
+    assert set(report.RUN_LABELS.values()) == {"pass", "fail", "error", "stopped"}
