@@ -3,6 +3,7 @@
 Prints the sandbox's call and start-up costs, the harness's overhead per step and its
 wall time under simulated API latency, and the grading time per submission.
 """
+import argparse
 import asyncio
 import statistics
 import subprocess
@@ -135,7 +136,8 @@ def bench_solution_in_sandbox(tmp: Path, isolated: bool) -> None:
     print(f"runtime forward over all {rows} rows of reference.npz: {float(seconds):6.2f} s, max error {err}")
 
 
-if __name__ == "__main__":
+def run_benchmarks() -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     isolated = bwrap_usable()
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
@@ -144,3 +146,7 @@ if __name__ == "__main__":
         bench_harness(tmp, isolated)
         bench_grading(tmp)
         bench_solution_in_sandbox(tmp, isolated)
+
+
+if __name__ == "__main__":
+    run_benchmarks()

@@ -58,7 +58,7 @@ def read_submission(path: Path, shapes: dict[str, tuple[int, ...]]) -> dict[str,
 
 
 def read_member(zf: zipfile.ZipFile, members: dict, name: str, shape: tuple[int, ...]) -> np.ndarray:
-    """The member np.load(...)[name] reads: `name` itself, else `name.npy`."""
+    # The member np.load(...)[name] reads: `name` itself, else `name.npy`.
     member = members.get(name) or members.get(name + ".npy")
     if member is None:
         _, _, layer, mixer, *_ = name.split(".") + ["", "", "", ""]  # model.layers.N.<mixer>.*
@@ -109,8 +109,7 @@ def grade(submission: str | Path, level: int, seed: int) -> Grade:
     return Grade(False, label, worst, f"max |logit difference| {worst:.3g} > {TOLERANCE:g}; {detail}")
 
 
-def max_error(model: target_model.Model, drawn: list) -> float:
-    """The largest |logit difference| over (tokens, original logits) pairs; NaN if any is NaN, which fails."""
+def max_error(model: target_model.Model, drawn: list) -> float:  # over (tokens, logits) pairs; NaN fails
     with np.errstate(all="ignore"):
         return float(np.max([np.max(np.abs(target_model.forward(model, tokens) - logits)) for tokens, logits in drawn]))
 

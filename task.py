@@ -274,7 +274,11 @@ def main() -> None:
     parser.add_argument("--level", type=int, default=DEFAULT_LEVEL, choices=sorted(LEVELS))
     parser.add_argument("--seed", type=non_negative, default=0)
     parser.add_argument("--max-steps", type=int, default=DEFAULT_MAX_STEPS)
+    parser.add_argument("--replace", action="store_true", help="clear a workspace that already holds files")
     a = parser.parse_args()
+    if any(Path(a.workspace).glob("*")) and not a.replace:  # a stale reference.npz or iter_* would mislead
+        parser.error(f"--workspace {a.workspace} already holds files; pass --replace to clear it first")
+    shutil.rmtree(a.workspace, ignore_errors=True)
     write_workspace(a.workspace, make_instance(a.level, a.seed))
     print(build_prompt(a.level, a.max_steps))
 

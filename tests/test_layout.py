@@ -65,3 +65,28 @@ def test_the_readme_names_every_label_a_run_can_end_with():
     missing = [label for label in report.RUN_LABELS if f"`{label}`" not in section]
     assert missing == []
     assert set(report.RUN_LABELS.values()) == {"pass", "fail", "error", "stopped"}
+
+
+def test_every_command_line_answers_help_at_once():
+    import subprocess
+    import sys
+    import time
+    for script in ("main.py", "task.py", "grader.py", "bench.py", "harbor_export.py"):
+        started = time.monotonic()
+        r = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                           check=False)
+        assert r.returncode == 0 and r.stdout.startswith("usage:"), (script, r.stderr)
+        assert time.monotonic() - started < 15, script  # bench.py --help used to start the benchmark
+
+
+def test_task_cli_refuses_a_used_workspace_unless_told_to_replace_it(tmp_path):
+    import subprocess
+    import sys
+    cmd = [sys.executable, "task.py", "--workspace", str(tmp_path), "--level", "7"]
+    assert subprocess.run(cmd, cwd=ROOT, capture_output=True, timeout=120, check=False).returncode == 0
+    (tmp_path / "stale.txt").write_text("x")
+    refused = subprocess.run([*cmd[:-1], "3"], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    assert refused.returncode == 2 and "--replace" in refused.stderr and (tmp_path / "reference.npz").exists()
+    replaced = subprocess.run([*cmd[:-1], "3", "--replace"], cwd=ROOT, capture_output=True, timeout=120, check=False)
+    assert replaced.returncode == 0 and not (tmp_path / "reference.npz").exists()  # level 3 shows source_model.py
+    assert not (tmp_path / "stale.txt").exists() and len(list((tmp_path / "checkpoint").glob("iter_*"))) == 1
