@@ -1,0 +1,69 @@
+"""setup.sh's decisions, run for real where that needs no network: which Python, which venv, which packages."""
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def setup(tmp_path: Path, env: dict, uid: int | None = None, plan: bool = True) -> subprocess.CompletedProcess:
+    """Run a copy of setup.sh in a world-readable directory, with only the given commands on PATH."""
+    here = tmp_path / "project"
+    here.mkdir(exist_ok=True)
+    shutil.copy(ROOT / "setup.sh", here / "setup.sh")
+    for d in (tmp_path, here):
+        d.chmod(0o755)
+    env = {"HOME": str(tmp_path), **env, **({"SETUP_PLAN": "1"} if plan else {})}
+    demote = (lambda: (os.setgroups([]), os.setgid(uid), os.setuid(uid))) if uid is not None else None
+    return subprocess.run(["/bin/sh", str(here / "setup.sh")], env=env, capture_output=True, text=True, timeout=60,
+                          preexec_fn=demote, check=False)
+
+
+def bin_dir(tmp_path: Path, *commands: str, python: str = sys.executable) -> str:
+    """A PATH holding only these commands (and `python` as python3)."""
+    path = tmp_path / "bin"
+    path.mkdir(exist_ok=True)
+    for name in ("dirname", "id", *commands):
+        if not (path / name).exists():
+            (path / name).symlink_to(shutil.which(name))
+    if not (path / "python3").exists():
+        (path / "python3").symlink_to(python)
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_by_default_a_venv_of_its_own_with_python3(tmp_path):
+    r = setup(tmp_path, {"PATH": bin_dir(tmp_path, "bwrap")})
+    assert r.returncode == 0, r.stderr
+    assert f"python: {tmp_path}/bin/python3" in r.stdout and f"venv: {tmp_path}/project/.venv" in r.stdout
+
+
+def test_an_active_venv_is_used(tmp_path):
+    r = setup(tmp_path, {"PATH": bin_dir(tmp_path, "bwrap"), "VIRTUAL_ENV": "/opt/my-venv"})
+    assert "venv: /opt/my-venv" in r.stdout and "apt packages: none" in r.stdout
+
+
+def test_missing_bubblewrap_is_installed_as_root_or_through_sudo(tmp_path):
+    r = setup(tmp_path, {"PATH": bin_dir(tmp_path)})
+    expected = "with root" if os.geteuid() == 0 else "with sudo"
+    assert r.returncode == 0 and "apt packages: bubblewrap" in r.stdout and expected in r.stdout
+
+
+def test_an_old_python_is_refused_with_what_to_do(tmp_path):
+    r = setup(tmp_path, {"PATH": bin_dir(tmp_path, "bwrap"), "PYTHON": shutil.which("false")})
+    assert r.returncode == 1 and "Python 3.11 or newer" in r.stdout
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not os.access("/usr/bin/python3", os.X_OK),
+                    reason="needs root, to become a user without sudo, and a system python3 that user can run")
+def test_a_user_without_sudo_is_told_what_to_ask_an_administrator_for():
+    with tempfile.TemporaryDirectory(dir="/tmp") as shared:  # pytest's own tmp_path is private to root
+        Path(shared).chmod(0o755)
+        r = setup(Path(shared), {"PATH": bin_dir(Path(shared), python="/usr/bin/python3")}, uid=65534, plan=False)
+    assert r.returncode == 1, r.stderr
+    assert "ask an administrator to run" in r.stdout and "apt-get install -y bubblewrap" in r.stdout
