@@ -22,6 +22,7 @@ from pathlib import Path
 import anthropic
 
 import report
+import report_html
 import task
 from grader import grade
 from report import USAGE_KEYS
@@ -258,7 +259,7 @@ async def run_one(run: Run, client, opts: argparse.Namespace, isolate: bool,
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "transcript.json").write_text(json.dumps(asdict(run), indent=1, default=str))
-            (run_dir / "transcript.html").write_text(report.transcript_html(run))
+            (run_dir / "transcript.html").write_text(report_html.transcript_html(run))
         except (OSError, TypeError, ValueError) as e:
             print(f"run {run.run_id:03d}: could not write its transcript: {e}", file=sys.stderr)
     return run
@@ -347,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted: cancelling the runs still going", file=sys.stderr)
     summary = sweep.summary()
     (opts.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    report.write_report(opts.out, summary, sweep.done)
+    report_html.write_report(opts.out, summary, sweep.done)
     report.print_summary(summary)
     if sweep.fatal is not None:
         print(f"error: the API refused the sweep, so it stopped: {sweep.fatal}", file=sys.stderr)

@@ -1,14 +1,10 @@
-"""The report of a sweep: statistics per level, the console table and recommendation, and
-report.html, one self-contained page (no network, no scripts) with a readable
-transcript.html per run. main.py rewrites it after every finished run."""
+"""The numbers of a sweep: statistics per level, the recommendation, costs, the labels a run can
+end with, and the console's lines. The pages (report.html, transcript.html) are in report_html.py."""
 import argparse
 import itertools
-import json
 import math
 import re
 from collections import Counter
-from html import escape
-from pathlib import Path
 
 from conversions import MISTAKES
 
@@ -17,7 +13,6 @@ HALF_WIDTH = 0.15  # the interval half-width a recommended rerun aims for
 USAGE_KEYS = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
 # USD per million tokens (input, output); cache writes cost 1.25x input, cache reads 0.1x.
 PRICES = {"claude-haiku-4-5": (1.0, 5.0), "claude-sonnet-4-5": (3.0, 15.0), "claude-opus-4-5": (5.0, 25.0)}
-BAND_FILL = "#dcefdc"
 # Every label a run can end with, and its outcome: pass and fail are graded, error and stopped are not (a run
 # stopped by another run's fatal API error is `stopped` with the label api_fatal; stop_<reason> is a fail).
 RUN_LABELS = {"pass": "pass",
@@ -121,102 +116,17 @@ def print_table(s: dict) -> None:
     print(s["recommendation"])
 
 
-def rate_chart(rows: list[dict], band: tuple[float, float]) -> str:
-    """Each level's pass rate with its 95% interval, over the shaded target band (SVG)."""
-    width, height, left, top = 560, 40 + 34 * len(rows), 70, 24
-    x = lambda p: left + p * (width - left - 20)
-    parts = [(f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
-             'aria-label="pass rate per level with 95% interval">'),
-             (f'<rect x="{x(band[0]):.1f}" y="{top - 10}" width="{x(band[1]) - x(band[0]):.1f}" '
-             f'height="{height - top}" fill="{BAND_FILL}"/>')]
-    for tick in (0, 0.1, 0.4, 1.0):
-        parts.append(f'<text x="{x(tick):.1f}" y="{top - 12}" font-size="11" text-anchor="middle">{tick:.0%}</text>')
-    for i, row in enumerate(rows):
-        y = top + 14 + 34 * i
-        parts.append(f'<text x="8" y="{y + 4}" font-size="13">level {row["level"]}</text>')
-        if row["rate"] is None:
-            parts.append(f'<text x="{x(0):.1f}" y="{y + 4}" font-size="12">no graded run</text>')
-            continue
-        low, high = row["wilson_95"]
-        parts.append(f'<line x1="{x(low):.1f}" x2="{x(high):.1f}" y1="{y}" y2="{y}" stroke="#333" stroke-width="2"/>')
-        parts.append(f'<circle cx="{x(row["rate"]):.1f}" cy="{y}" r="5" fill="#1f5fa8"/>')
-    parts.append("</svg>")
-    return "".join(parts)
-
-
-def label_bars(rows: list[dict]) -> str:
-    """Failure-label counts per level, as bars scaled to the largest count."""
-    largest = max([n for row in rows for n in row["failures"].values()] + [1])
-    out = []
-    for row in rows:
-        bars = "".join(f'<div class="bar"><span class="name">{escape(label)}</span>'
-                       f'<span class="fill" style="width:{300 * n / largest:.0f}px"></span> {n}</div>'
-                       for label, n in row["failures"].items())
-        out.append(f"<h3>level {row['level']}</h3>{bars or '<p>no failures</p>'}")
-    return "".join(out)
-
-
-def write_report(out: Path, summary: dict, runs: list) -> None:
-    rows = summary["levels"]
-    table = "".join(
-        f"<tr><td>{r['level']}</td><td>{r['graded']}</td><td>{r['passes']}</td>"
-        f"<td>{'-' if r['rate'] is None else format(r['rate'], '.0%')}</td>"
-        f"<td>{r['wilson_95'][0]:.0%}-{r['wilson_95'][1]:.0%}</td><td>{'yes' if r['overlaps_band'] else 'no'}</td>"
-        f"<td>{escape(', '.join(r['top_failures']))}</td><td>{r['tokens']}</td>"
-        f"<td>{'-' if r['cost_usd'] is None else format(r['cost_usd'], '.2f')}</td></tr>" for r in rows)
-    run_rows = "".join(
-        f'<tr><td><a href="run-{r.run_id:03d}/transcript.html">run {r.run_id:03d}</a></td><td>{r.level}</td>'
-        f"<td>{r.seed}</td><td>{r.outcome}</td><td>{escape(r.label)}</td><td>{r.steps}</td></tr>"
-        for r in sorted(runs, key=lambda r: r.run_id))
-    band = summary["target_band"]
-    embedded = json.dumps(summary).replace("</", "<\\/")  # the numbers, machine-readable, safe inside <script>
-    page = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>megatron-port sweep: {escape(summary['model'])}</title>
-<style>body{{font-family:sans-serif;max-width:980px;margin:2em auto}}td,th{{padding:2px 10px;text-align:left}}
-.bar{{margin:2px 0}}.name{{display:inline-block;width:190px}}.fill{{display:inline-block;height:12px;background:#c0504d}}
-</style></head><body>
-<h1>Sweep: {escape(summary['model'])}</h1>
-<p>extended thinking: {f"{summary['thinking_budget']} tokens per reply" if summary['thinking_budget'] else 'off'}</p>
-<p>{summary['runs_finished']} of {summary['runs_planned']} runs finished; {summary['skipped']} skipped
-({escape(summary['skipped_reason'] or 'none')}); spent {escape(summary['cost_text'])}; sandbox: {escape(summary['isolation'])}</p>
-<p><b>{escape(summary['recommendation'])}</b></p>
-<h2>Pass rate per level</h2>
-<table id="sweep"><tr><th>level</th><th>graded</th><th>passes</th><th>rate</th><th>95% Wilson</th>
-<th>overlaps {band[0]:.0%}-{band[1]:.0%}</th><th>top failures</th><th>tokens</th><th>cost $</th></tr>{table}</table>
-{rate_chart(rows, band)}
-<h2>Failure labels per level</h2>{label_bars(rows)}
-<h2>Runs</h2><table id="runs"><tr><th>run</th><th>level</th><th>seed</th><th>outcome</th><th>label</th>
-<th>steps</th></tr>{run_rows}</table>
-<script type="application/json" id="summary">{embedded}</script>
-</body></html>
-"""
-    (out / "report.html").write_text(page)
-
-
-def transcript_html(run) -> str:
-    """A run's conversation: the grade on top, each tool call and its output folded."""
-    out = [(f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>run {run.run_id:03d}</title>"
-           "<style>body{font-family:sans-serif;max-width:980px;margin:2em auto}pre{white-space:pre-wrap;"
-           "background:#f4f4f4;padding:6px}</style></head><body>"),
-           f"<h1>run {run.run_id:03d}: {run.outcome.upper()} {escape(run.label)}</h1>",
-           f"<p>level {run.level}, seed {run.seed}, {run.steps} steps. {escape(run.detail)}</p>"]
-    for message in run.messages:
-        content = message["content"]
-        out.append(f"<h2>{message['role']}</h2>")
-        for block in [{"type": "text", "text": content}] if isinstance(content, str) else content:
-            if block["type"] == "text":
-                out.append(f"<pre>{escape(block['text'])}</pre>")
-            elif block["type"] == "thinking":
-                out.append(f"<details><summary>thinking</summary><pre>{escape(block['thinking'])}</pre></details>")
-            elif block["type"] == "tool_use":
-                body = block["input"].get("code") if isinstance(block["input"], dict) else None
-                body = body if isinstance(body, str) else json.dumps(block["input"])
-                out.append(f"<details><summary>{escape(block['name'])} call</summary><pre>{escape(body)}</pre></details>")
-            elif block["type"] == "tool_result":
-                error = " (error)" if block.get("is_error") else ""
-                out.append(f"<details><summary>result{error}</summary><pre>{escape(str(block['content']))}</pre>"
-                           "</details>")
-    return "".join(out) + "</body></html>\n"
+def tally(runs: list, levels: list[int]) -> str:
+    """The progress line's count, as the summary counts: passes of graded runs per level, errors and
+    stopped runs apart (they are not attempts at the task)."""
+    parts = []
+    for lv in levels:
+        mine = [r for r in runs if r.level == lv]
+        graded = [r for r in mine if r.outcome in ("pass", "fail")]
+        other = Counter(r.outcome for r in mine if r.outcome not in ("pass", "fail"))
+        extra = "".join(f" +{n} {kind}" for kind, n in sorted(other.items()))
+        parts.append(f"L{lv} {sum(r.outcome == 'pass' for r in graded)}/{len(graded)}{extra}")
+    return "passes of graded runs " + " ".join(parts)
 
 
 def run_line(run) -> str:  # a main.Run

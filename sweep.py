@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import report
+import report_html
 import task
 from report import USAGE_KEYS
 
@@ -148,12 +149,10 @@ class Sweep:
                   **{k: v for k, v in asdict(run).items() if k != "messages"}}
         with open(self.opts.out / RESULTS, "a") as f:
             f.write(json.dumps(record, default=str) + "\n")
-        tally = " ".join(f"L{lv} {sum(r.outcome == 'pass' for r in self.done if r.level == lv)}/"
-                         f"{sum(r.level == lv for r in self.done)}" for lv in self.opts.levels)
-        print(f"{report.run_line(run)} | {len(self.done)}/{self.planned} done; passes {tally}; spent ${self.spent():.2f}",
-              flush=True)
+        print(f"{report.run_line(run)} | {len(self.done)}/{self.planned} done; {report.tally(self.done, self.opts.levels)}; "
+              f"spent ${self.spent():.2f}", flush=True)
         try:
-            report.write_report(self.opts.out, self.summary(), self.done)
+            report_html.write_report(self.opts.out, self.summary(), self.done)
         except OSError as e:
             print(f"run {run.run_id:03d}: could not write the report: {e}", file=sys.stderr)
 
@@ -165,6 +164,7 @@ class Sweep:
         rate, cost = overall["rate"], overall["cost_usd"]
         return {
             "schema": SCHEMA_VERSION, "task_version": task_version(), "model": opts.model, "levels_swept": opts.levels,
+            "runs_per_level": opts.runs, "out": str(opts.out),
             "seed": opts.seed, "offline": opts.offline, "thinking_budget": opts.thinking, "max_tokens": opts.max_tokens,
             "max_steps": opts.max_steps, "started_at": self.started_at, "ended_at": now(),
             "runs_planned": self.planned, "runs_finished": len(runs), "skipped": self.skipped,

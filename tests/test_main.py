@@ -44,8 +44,8 @@ def test_reference_conversion_passes_and_transcript_is_written(tmp_path):
     assert transcript["messages"][2]["content"][0]["content"] == "wrote converted.npz\n"
     assert transcript["usage"]["input_tokens"] > 0 and len(transcript["step_log"]) == 2
     readable = (tmp_path / "run-000" / "transcript.html").read_text()
-    assert "<h1>run 000: PASS pass</h1>" in readable and "def convert(" in readable
-    assert "<summary>result</summary><pre>wrote converted.npz\n</pre>" in readable and "submit call" in readable
+    assert "<h1>run 000</h1>" in readable and "PASS</span> <b>pass</b>" in readable and "def convert(" in readable
+    assert "result</span><pre>wrote converted.npz\n</pre>" in readable and "submit call" in readable
 
 
 def test_wrong_conversion_fails_with_its_label(tmp_path):
@@ -100,7 +100,7 @@ def test_thinking_blocks_go_back_unchanged_and_the_budget_is_recorded(tmp_path):
     assert "<summary>thinking</summary>" in (tmp_path / "run-000" / "transcript.html").read_text()
     assert main.main(["--offline", "--level", "1", "--thinking", "2048", "--out", str(tmp_path / "sweep")]) == 0
     assert json.loads((tmp_path / "sweep" / "config.json").read_text())["thinking"] == 2048
-    assert "extended thinking: 2048 tokens" in (tmp_path / "sweep" / "report.html").read_text()
+    assert "--thinking 2048" in (tmp_path / "sweep" / "report.html").read_text()
 
 
 def test_an_altered_thinking_block_is_refused_like_the_api_does():

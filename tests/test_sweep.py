@@ -51,7 +51,7 @@ def test_a_sweep_interleaves_levels_and_recommends_where_the_band_falls(tmp_path
     report.print_summary(summary)
     out = capsys.readouterr().out
     assert "no_submission" in out and summary["recommendation"] in out
-    assert "3/3 done" not in out and "9/9 done" in out and "passes L1 3/3 L2 2/3 L3 0/3" in out
+    assert "3/3 done" not in out and "9/9 done" in out and "passes of graded runs L1 3/3 L2 2/3 L3 0/3" in out
 
 
 @pytest.mark.parametrize("passes, expected", [
@@ -201,7 +201,7 @@ def test_report_html_holds_every_run_and_level_with_the_summary_numbers(tmp_path
     assert "http" not in page.replace("http://www.w3.org/2000/svg", "") and "<script src" not in page
     parsed = Tables()
     parsed.feed(page)
-    sweep_rows = {row[0]: row for row in parsed.tables["sweep"][1:]}
+    sweep_rows = {row[0]: row for row in parsed.tables["levels"][1:]}
     for level in summary["levels"]:
         row = sweep_rows[str(level["level"])]
         assert (int(row[1]), int(row[2])) == (level["graded"], level["passes"])
@@ -211,7 +211,7 @@ def test_report_html_holds_every_run_and_level_with_the_summary_numbers(tmp_path
     assert json.loads(parsed.summary) == summary
     for row in runs:
         transcript = tmp_path / f"run-{int(row[0].split()[1]):03d}" / "transcript.html"
-        assert f"{row[3].upper()} {row[4]}</h1>" in transcript.read_text()
+        assert transcript.read_text().count(f"{row[3].upper()}</span> <b>{row[4]}</b>") == 2  # at top and bottom
 
 
 def offline_sweep(*flags: str) -> subprocess.CompletedProcess:
