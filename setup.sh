@@ -28,7 +28,8 @@ if [ "$(id -u)" -eq 0 ]; then sudo=""; elif command -v sudo >/dev/null 2>&1; the
 if [ -n "${SETUP_PLAN:-}" ]; then
     say "python: $python"
     say "venv: $venv"
-    say "apt packages: ${packages:-none}${packages:+ (with ${sudo:-root})}"
+    case "$sudo" in "") how="as root";; sudo) how="with sudo";; *) how="no sudo: an administrator must install them";; esac
+    say "apt packages: ${packages:-none}${packages:+ ($how)}"
     exit 0
 fi
 
