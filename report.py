@@ -105,14 +105,17 @@ def _recommend(rows: list[dict], runs_per_level: int, levels_available: list[int
 
 
 def print_table(s: dict) -> None:
-    print(f"{'level':>5} {'graded':>6} {'passes':>6} {'rate':>5}  {'95% Wilson':<10} {'band':<4} "
-          f"{'top failures':<32} {'tokens':>9} {'cost':>7}")
+    """One row per level; an offline sweep's scripted replies have no pass rate to show, nor a band verdict."""
+    rated = not s["offline"]
+    print(f"{'level':>5} {'graded':>6} {'passes':>6} " + (f"{'rate':>5}  {'95% Wilson':<10} {'band':<4} " if rated else "")
+          + f"{'top failures':<32} {'tokens':>9} {'cost':>7}")
     for r in s["levels"]:
         rate = "-" if r["rate"] is None else f"{r['rate']:.0%}"
         cost = "-" if r["cost_usd"] is None else f"${r['cost_usd']:.2f}"
         interval = f"{r['wilson_95'][0]:.0%}-{r['wilson_95'][1]:.0%}"
-        print(f"{r['level']:>5} {r['graded']:>6} {r['passes']:>6} {rate:>5}  {interval:<10} "
-              f"{'yes' if r['overlaps_band'] else 'no':<4} {', '.join(r['top_failures']):<32} {r['tokens']:>9} {cost:>7}")
+        verdict = f"{rate:>5}  {interval:<10} {'yes' if r['overlaps_band'] else 'no':<4} " if rated else ""
+        print(f"{r['level']:>5} {r['graded']:>6} {r['passes']:>6} {verdict}{', '.join(r['top_failures']):<32} "
+              f"{r['tokens']:>9} {cost:>7}")
     print(s["recommendation"])
 
 

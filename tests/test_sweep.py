@@ -303,3 +303,9 @@ def test_an_output_path_that_cannot_be_made_is_a_clean_error(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     assert main.main(["--offline", "--level", "1", "--out", str(tmp_path / "file" / "sub")]) == 2
     assert "--out" in capsys.readouterr().err
+
+
+def test_an_offline_summary_shows_no_pass_rate_or_band_verdict(tmp_path, capsys):
+    assert main.main(["--offline", "--level", "1", "--out", str(tmp_path / "s")]) == 0
+    out = capsys.readouterr().out.split("== summary ==")[1]
+    assert "rate" not in out.split("\n")[1] and "band" not in out and "no level is recommended" in out
