@@ -82,6 +82,7 @@ def test_the_spending_cap_stops_new_runs(tmp_path, capsys):
     report.print_summary(summary)
     out = capsys.readouterr().out
     assert "skipped: 3 runs never started" in out and "$1.05 of the $1.00 cap" in out
+    assert "interrupted" not in out  # the cap stopped it, and it says so
 
 
 def looping(steps: int) -> list:
