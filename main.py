@@ -37,9 +37,8 @@ from tools import (
     Sandbox,
     SubmitError,
     bwrap_usable,
-    copy_submission,
-    resolve_submission,
     sandbox_report,
+    take_submission,
 )
 
 # Transient API errors (429, 5xx, overloaded, connection failures) are retried by this loop, not the
@@ -196,16 +195,6 @@ async def answer_tools(run: Run, uses: list, last_cut: bool, sandbox: Sandbox,
         if opts.verbose:
             print(f"  run {run.run_id:03d} step {run.steps} {use.name}: {results[-1]['content'][:200]!r}")
     return results, None
-
-
-async def take_submission(sandbox: Sandbox, path) -> Path:
-    """Stop the worker, then copy the submitted file out of the workspace for grading. Every check
-    that can refuse it runs first, while the worker and its variables are still there."""
-    copy = sandbox.workspace.parent / "submission.npz"
-    copy_submission(resolve_submission(sandbox.workspace, path), copy, task.MAX_SUBMISSION_BYTES)
-    await sandbox.close()  # nothing may change the path while it is resolved and copied again, for good
-    copy_submission(resolve_submission(sandbox.workspace, path), copy, task.MAX_SUBMISSION_BYTES)
-    return copy
 
 
 async def call_tool(name: str, tool_input, sandbox: Sandbox) -> tuple[str, bool]:

@@ -28,6 +28,7 @@ from task import (  # the limits the task states to the model, enforced here
     CALL_TIMEOUT_S,
     CPU_SECONDS,
     MAX_PROCESSES,
+    MAX_SUBMISSION_BYTES,
     MAX_WORKSPACE_ENTRIES,
     MEMORY_BYTES,
     OUTPUT_LIMIT,
@@ -437,6 +438,16 @@ def copy_submission(source: Path, dest: Path, max_bytes: int) -> None:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise SubmitError(f"{source.name} is not a regular file")
         out.write(src.read(max_bytes + 1))
+
+
+async def take_submission(sandbox: Sandbox, path) -> Path:
+    """Stop the worker, then copy the submitted file out of the workspace for grading. Every check
+    that can refuse it runs first, while the worker and its variables are still there."""
+    copy = sandbox.workspace.parent / "submission.npz"
+    copy_submission(resolve_submission(sandbox.workspace, path), copy, MAX_SUBMISSION_BYTES)
+    await sandbox.close()  # nothing may change the path while it is resolved and copied again, for good
+    copy_submission(resolve_submission(sandbox.workspace, path), copy, MAX_SUBMISSION_BYTES)
+    return copy
 
 
 def sandbox_report(isolate: bool) -> str:

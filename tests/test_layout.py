@@ -90,3 +90,13 @@ def test_task_cli_refuses_a_used_workspace_unless_told_to_replace_it(tmp_path):
     replaced = subprocess.run([*cmd[:-1], "3", "--replace"], cwd=ROOT, capture_output=True, timeout=120, check=False)
     assert replaced.returncode == 0 and not (tmp_path / "reference.npz").exists()  # level 3 shows source_model.py
     assert not (tmp_path / "stale.txt").exists() and len(list((tmp_path / "checkpoint").glob("iter_*"))) == 1
+
+
+def test_only_the_inspect_task_imports_inspect_ai():
+    """inspect-ai is an optional extra: the harness, the grader and the tools never need it."""
+    users = {name for name, path in MODULES.items() if "inspect_ai" in path.read_text()}
+    assert users == {"inspect_task"}
+    import tomllib
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["dependencies"] == ["anthropic>=2.14,<3", "numpy>=1.26"]
+    assert any(d.startswith("inspect-ai") for d in project["optional-dependencies"]["inspect"])

@@ -366,7 +366,7 @@ def test_a_refused_submission_leaves_the_worker_and_its_variables(tmp_path, monk
             refuse["left"] -= 1
             raise main.SubmitError(f"{source.name} cannot be read: Permission denied")
         shutil.copy(source, dest)
-    monkeypatch.setattr(main, "copy_submission", copy_or_refuse)
+    monkeypatch.setattr(tools, "copy_submission", copy_or_refuse)
     script = [reply(tool_use("python", {"code": "x = 41\nopen('a.npz', 'wb').write(b'x')"})),
               reply(tool_use("submit", {"path": "a.npz"})), reply(tool_use("python", {"code": "print(x + 1)"})),
               reply(tool_use("submit", {"path": "a.npz"}))]
