@@ -48,6 +48,14 @@ RETRY_BUDGET_S = 600.0
 MAX_BACKOFF_S = 60.0
 TRANSIENT = (anthropic.RateLimitError, anthropic.InternalServerError, anthropic.APIConnectionError,
              anthropic.ConflictError, anthropic.RequestTimeoutError)
+# An error event in the middle of a stream comes as a plain APIStatusError (HTTP 200): its type says what it is.
+TRANSIENT_TYPES = {"overloaded_error", "api_error", "rate_limit_error", "timeout_error"}
+
+
+def transient(e: Exception) -> bool:
+    error = getattr(e, "body", None)
+    error = error.get("error") if isinstance(error, dict) else None
+    return isinstance(e, TRANSIENT) or isinstance(error, dict) and error.get("type") in TRANSIENT_TYPES
 
 
 @dataclass
@@ -110,7 +118,9 @@ async def create_message(client, request: dict):
         try:
             async with client.messages.stream(**request) as stream:
                 return await stream.get_final_message()
-        except TRANSIENT as e:
+        except anthropic.APIError as e:
+            if not transient(e):
+                raise
             response = getattr(e, "response", None)
             after = response.headers.get("retry-after") if response is not None else None
             try:
@@ -232,7 +242,7 @@ async def run_one(run: Run, client, opts: argparse.Namespace, isolate: bool,
         # A conversation grown too large is the model's doing; a transient error that outlasted the retries
         # costs this run; any other refusal (key, model, permissions, a request the API rejects) is fatal.
         run.outcome, run.label = ("fail", "context_overflow") if conversation_too_long(e) else \
-            ("error", "api_error") if isinstance(e, TRANSIENT) else ("error", "api_fatal")
+            ("error", "api_error") if transient(e) else ("error", "api_fatal")
         run.detail = f"{type(e).__name__} ({e.status_code}): {e.message}"
     except anthropic.APIError as e:  # connection failures that outlasted the retries
         run.outcome, run.label, run.detail = "error", "api_error", f"{type(e).__name__}: {e}"

@@ -40,11 +40,12 @@ def tool_use(name: str, tool_input: dict) -> dict:
     return {"type": "tool_use", "id": f"toolu_{next(_ids):06d}", "name": name, "input": tool_input}
 
 
-def http_error(status: int, message: str = "", retry_after: float | None = None) -> dict:
-    """A scripted HTTP error response, with the API's error body (and a retry-after header if given)."""
+def http_error(status: int, message: str = "", retry_after: float | None = None, mid_stream: bool = False) -> dict:
+    """A scripted HTTP error response, with the API's error body (and a retry-after header if given); with
+    mid_stream, a stream that starts (HTTP 200) and then carries the error as an `error` event."""
     headers = {} if retry_after is None else {"retry-after": f"{retry_after:g}"}
     body = {"type": "error", "error": {"type": ERROR_TYPES.get(status, "api_error"), "message": message or f"HTTP {status}"}}
-    return {"http_error": status, "body": body, "headers": headers}
+    return {"http_error": status, "body": body, "headers": headers, "mid_stream": mid_stream}
 
 
 def check_request(request: dict, signed: dict[str, str]) -> list[str]:
@@ -126,6 +127,12 @@ class ScriptedTransport(httpx.AsyncBaseTransport):
             return httpx.Response(400, json=http_error(400, "; ".join(problems))["body"])
         self.requests.append(body)  # main.py builds each request anew and never mutates a sent message
         scripted = next(self.replies, reply(text("(the script has ended)"), stop_reason="end_turn"))
+        if "http_error" in scripted and scripted["mid_stream"] and body.get("stream"):
+            start = {"type": "message_start", "message": {"id": f"msg_{next(_ids):06d}", "type": "message", "role":
+                     "assistant", "model": body["model"], "content": [], "stop_reason": None, "stop_sequence": None,
+                     "usage": {"input_tokens": 1, "output_tokens": 1}}}
+            events = f"event: message_start\ndata: {json.dumps(start)}\n\nevent: error\ndata: {json.dumps(scripted['body'])}\n\n"
+            return httpx.Response(200, content=events.encode(), headers={"content-type": "text/event-stream"})
         if "http_error" in scripted:
             return httpx.Response(scripted["http_error"], json=scripted["body"], headers=scripted["headers"])
         self.signed |= {b["signature"]: b["thinking"] for b in scripted["content"] if b["type"] == "thinking"}

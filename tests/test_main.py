@@ -157,10 +157,12 @@ def test_transient_errors_cost_a_retry_not_the_run(tmp_path, monkeypatch):
         slept.append(seconds)
     monkeypatch.setattr(main, "wait_before_retry", no_sleep)
     script = [http_error(429, "rate limited", retry_after=7), http_error(529, "Overloaded"),
-              http_error(500, "internal", retry_after=0), *conversion_script(None)]
+              http_error(500, "internal", retry_after=0), http_error(529, "Overloaded", mid_stream=True),
+              *conversion_script(None)]
     run, _ = run_script(tmp_path, script)
     assert (run.outcome, run.label, run.steps) == ("pass", "pass", 2)
-    assert slept == [7, 2.0, 0]  # retry-after honoured; without it, the backoff (doubled once already)
+    # retry-after honoured; without it, the backoff (doubled once per wait); an error event mid-stream is retried too
+    assert slept == [7, 2.0, 0, 8.0]
 
 
 def test_transient_errors_past_the_retry_budget_make_an_api_error(tmp_path, monkeypatch):
