@@ -63,7 +63,7 @@ class Run:
     run_id: int
     seed: int
     level: int
-    outcome: str = "error"  # pass | fail | error (infrastructure) | stopped (the spending cap): the last two not graded
+    outcome: str = "error"  # pass | fail | error (infrastructure) | stopped (cap or fatal API error): last two not graded
     label: str = "harness_error"  # the grader's label, or why the run ended without a grade
     detail: str = ""
     max_error: float | None = None
