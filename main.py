@@ -1,10 +1,7 @@
-"""The harness: the run record, the agent loop, one run, N runs at once, and main().
-
-    python main.py --offline          # no key: scripted replies through the real loop
-    python main.py --runs 10          # claude-haiku-4-5 through the Anthropic API
-
-The sweep's flags, spending cap, records and resuming are in sweep.py; the console summary
-and report.html in report.py; the sandbox in tools.py.
+"""The harness: the run record, the agent loop, one run, N runs at once, and main()
+(`python main.py --help`). The sweep's flags, spending cap, records and resuming are in
+sweep.py; the numbers and the console in report.py, the pages in report_html.py; the sandbox
+in tools.py.
 """
 import argparse
 import asyncio

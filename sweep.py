@@ -1,4 +1,5 @@
-"""A sweep's bookkeeping: the spending cap, results.jsonl and resuming, config.json and summary.json.
+"""A sweep's bookkeeping: its flags, the spending cap, results.jsonl and resuming, config.json and
+summary.json.
 
 Runs are main.Run records; this module reads only their fields, so that main.py, which
 holds the agent loop, can import it.
