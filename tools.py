@@ -279,6 +279,13 @@ class Sandbox:
         return result
 
     async def _call(self, code: str) -> ToolResult:
+        if self.killed_for_disk and self.proc is not None:  # killed between calls: this call gets a new worker
+            await self.close()
+            self.killed_for_disk = False
+            result = await self._call(code)
+            return ToolResult(f"[Before this call the working directory grew past its {QUOTA_TEXT} quota, so the Python "
+                              "process was killed and restarted: variables, imports and functions are lost.]\n"
+                              f"{result.output}", result.is_error)
         if self.proc is None:
             self.proc, self.seq = await self._start(), 0
             self.watchdog = asyncio.create_task(self._watch_disk(self.proc))

@@ -167,6 +167,7 @@ def test_writing_between_calls_is_stopped(tmp_path, monkeypatch):
     first, second = asyncio.run(go())
     assert first.output == "started\n"
     assert second.is_error and "grew past" in second.output
+    assert "next\n" in second.output  # killed between calls, the worker is restarted and this call's code runs
     assert workspace_bytes(tmp_path / "ws", 10_000) < 512 << 20
 
 
