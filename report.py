@@ -132,9 +132,13 @@ def tally(runs: list, levels: list[int]) -> str:
     return "passes of graded runs " + " ".join(parts)
 
 
+def tokens_in(usage: dict[str, int]) -> int:
+    """Every input token a run sent: uncached, read from the cache and written to it."""
+    return usage["input_tokens"] + usage["cache_read_input_tokens"] + usage["cache_creation_input_tokens"]
+
+
 def run_line(run) -> str:  # a main.Run
-    tokens = f"{run.usage['input_tokens'] + run.usage['cache_read_input_tokens'] + run.usage['cache_creation_input_tokens']}" \
-             f"/{run.usage['output_tokens']}"
+    tokens = f"{tokens_in(run.usage)}/{run.usage['output_tokens']}"
     return (f"run {run.run_id:03d} L{run.level} seed {run.seed:<6} {run.outcome.upper():7} {run.label:<{LABEL_WIDTH}} "
             f"steps {run.steps:<3} tokens in/out {tokens:<14} {run.seconds:6.1f}s")
 

@@ -4,6 +4,8 @@ import json
 from html import escape
 from pathlib import Path
 
+import report
+
 STYLE = """
 *{box-sizing:border-box}body{font:15px/1.45 system-ui,sans-serif;color:#1d2330;background:#f6f7f9;margin:0}
 main{max-width:1180px;margin:0 auto;padding:20px}h1{font-size:1.5em;margin:.2em 0}h2{font-size:1.15em;margin:1.4em 0 .5em}
@@ -112,12 +114,11 @@ def write_report(out: Path, summary: dict, runs: list) -> None:
 
 
 def run_row(r) -> str:
-    tokens_in = r.usage["input_tokens"] + r.usage["cache_read_input_tokens"] + r.usage["cache_creation_input_tokens"]
     error = "-" if r.max_error is None else f"{r.max_error:.3g}"
     detail = r.detail.strip().splitlines()[-1] if r.outcome == "error" and r.detail.strip() else r.detail
     return (f"<tr id='run-{r.run_id:03d}'><td><a href='run-{r.run_id:03d}/transcript.html'>run {r.run_id:03d}</a></td>"
             f"<td class='num'>{r.level}</td><td class='num'>{r.seed}</td><td>{outcome(r.outcome)}</td>"
-            f"<td>{escape(r.label)}</td><td class='num'>{r.steps}</td><td class='num'>{tokens_in}/"
+            f"<td>{escape(r.label)}</td><td class='num'>{r.steps}</td><td class='num'>{report.tokens_in(r.usage)}/"
             f"{r.usage['output_tokens']}</td><td class='num'>{r.seconds:.1f} s</td><td class='num'>{error}</td>"
             f"<td class='detail'>{escape(detail[:300])}</td></tr>")
 
