@@ -9,14 +9,14 @@ from pathlib import Path
 import numpy as np
 
 # Each wrong conversion, by grader label, and the first level whose conventions it misses.
-MISTAKES = {"bf16_decode": 1, "qkv_split": 1, "gate_up_order": 1, "rope_permutation": 2,
-            "kv_sharing": 2, "partial_rotary": 3, "qk_norm": 3, "qkv_bias": 3,
-            "norm_offset": 3, "embed_scale": 3, "tp_fc1_merge": 4, "vocab_padding": 4,
-            "vpp_layer_order": 6, "zero_centered_norm": 6, "untied_output": 6, "expert_id": 7,
-            "grouped_gemm_layout": 7, "expert_tp_merge": 7, "router_scaling": 7, "shared_expert_scaling": 7,
-            "main_params": 8, "buffer_order": 8, "param_alignment": 8, "registration_order": 8,
-            "optimizer_chain": 8, "gdn_tp_merge": 10, "qkvz_grouping": 10, "conv_channels": 10,
-            "gdn_decay_split": 10, "gated_norm_offset": 10, "output_gate_layout": 10, "layer_pattern": 10}
+MISTAKES = {"bf16_decode": 1, "qkv_split": 1, "gate_up_order": 1, "untied_output": 1, "rope_layout": 2,
+            "partial_rotary": 3, "qk_norm": 3, "qkv_bias": 3, "zero_centered_norm": 3, "norm_offset": 3,
+            "embed_scale": 3, "tp_fc1_merge": 4, "vocab_padding": 4, "vpp_layer_order": 6, "expert_id": 7,
+            "grouped_gemm_layout": 7, "expert_orientation": 7, "expert_tp_merge": 7, "router_scaling": 7,
+            "shared_expert_scaling": 7, "expert_bias": 7, "main_params": 8, "buffer_order": 8,
+            "param_alignment": 8, "registration_order": 8, "optimizer_chain": 8, "gdn_tp_merge": 10,
+            "qkvz_grouping": 10, "conv_channels": 10, "gdn_decay_split": 10, "gated_norm_offset": 10,
+            "output_gate_layout": 10, "layer_pattern": 10}
 
 Files = dict[tuple[int, int, int], dict[str, np.ndarray]]  # (tensor, pipeline, expert) rank -> tensors
 
@@ -71,8 +71,8 @@ def buffers(tensors: dict[str, np.ndarray], args: dict, expert: bool,
     DDP puts such parameters in the expert buffer."""
     vpp, out = args["virtual_pipeline_model_parallel_size"], []
     for c in range(vpp or 1):
-        names = [k for k in tensors if k.startswith(f"model{c}." if vpp else "") and not k.endswith("_extra_state")
-                 and (".experts.weight" in k and args["expert_model_parallel_size"] > 1) == expert]
+        names = [k for k in tensors if k.startswith(f"model{c}." if vpp else "") and is_parameter(k)
+                 and (".experts." in k and args["expert_model_parallel_size"] > 1) == expert]
         if names:
             out.append(buffer_layout(names, [tensors[k].size for k in names], mistake))
     return out
@@ -94,6 +94,12 @@ def main_params(files: Files, optimizer: Files, args: dict, mistake: str | None)
     return out
 
 
+def is_parameter(key: str) -> bool:
+    """TE's _extra_state and the router's expert_bias buffer are saved beside the parameters but
+    are none: no optimizer state, no place in a grad buffer."""
+    return not key.endswith(("_extra_state", "expert_bias"))
+
+
 # The mistakes made while reading the weights' values; the others are made in converting them.
 READING_MISTAKES = {"bf16_decode", "main_params", "buffer_order", "param_alignment", "registration_order",
                     "optimizer_chain"}
@@ -110,78 +116,42 @@ def convert(files: Files, args: dict, config: dict, mistake: str | None = None,
 
 def read_values(files: Files, args: dict, optimizer: Files | None, mistake: str | None = None) -> Files:
     """Each rank's weights as numbers: the fp32 main parameters if there is an optimizer state,
-    else the decoded bf16 weights. TE's _extra_state entries are not weights."""
+    else the decoded bf16 weights; fp32 buffers as saved. TE's _extra_state entries are no weights."""
     files = {r: {k: v for k, v in f.items() if not k.endswith("_extra_state")} for r, f in files.items()}
     if mistake == "bf16_decode":
         return {r: {k: v.astype(np.float64) for k, v in f.items()} for r, f in files.items()}
+    decoded = {r: {k: (v.astype(np.uint32) << 16).view(np.float32).astype(np.float64) if v.dtype == np.uint16
+                   else v.astype(np.float64) for k, v in f.items()} for r, f in files.items()}
     if optimizer and mistake != "main_params":
-        return main_params(files, optimizer, args, mistake)
-    return {r: {k: (v.astype(np.uint32) << 16).view(np.float32).astype(np.float64) for k, v in f.items()}
-            for r, f in files.items()}
+        return {r: decoded[r] | f for r, f in main_params(files, optimizer, args, mistake).items()}
+    return decoded
+
+
+def flipped(args: dict, config: dict, mistake: str | None) -> tuple[dict, dict]:
+    """The flags and runtime config as a converter that reads one drawn convention the other way
+    sees them: the wrong conversion of that convention is the right one for this misreading."""
+    if mistake == "rope_layout":  # the familiar interleaved -> halves step where the layouts match, none where not
+        matching = args["rotary_interleaved"] == config["rope_interleave"]
+        wrong_args, wrong_config = ({"rotary_interleaved": True}, {"rope_interleave": False}) if matching else \
+            ({}, {"rope_interleave": args["rotary_interleaved"]})
+        return args | wrong_args, config | wrong_config
+    if mistake in ("zero_centered_norm", "untied_output", "expert_bias"):
+        flag = {"zero_centered_norm": "layernorm_zero_centered_gamma",
+                "untied_output": "untie_embeddings_and_output_weights", "expert_bias": "moe_router_enable_expert_bias"}
+        return args | {flag[mistake]: not args[flag[mistake]]}, config
+    if mistake in ("norm_offset", "embed_scale"):
+        key = {"norm_offset": "norm_weight_offset", "embed_scale": "scale_embeddings"}[mistake]
+        return args, config | {key: not config[key]}
+    if mistake == "router_scaling":  # the factor taken as the runtime's own where it is not, or the reverse
+        factor = args["moe_router_topk_scaling_factor"] or 1.0
+        return args, config | {"routed_scaling_factor": 1.0 if config.get("routed_scaling_factor", 1.0) == factor
+                               else factor}
+    return args, config
 
 
 def convert_values(files: Files, args: dict, config: dict, mistake: str | None = None) -> dict[str, np.ndarray]:
     """Each rank's original weights, as numbers -> runtime weights (float64)."""
-    files = {r: {k: v.astype(np.float64, copy=False) for k, v in f.items()} for r, f in files.items()}
-    H, d, V = args["hidden_size"], args["kv_channels"], args["vocab_size"]
-    heads, groups = args["num_attention_heads"], args["num_query_groups"]
-    tp, pp, per_group = args["tensor_model_parallel_size"], args["pipeline_model_parallel_size"], heads // groups
-
-    def norm(w: np.ndarray) -> np.ndarray:
-        """Megatron's norm weight -> the runtime's: the multiplier, or its offset from 1."""
-        scale = 1.0 + w if args["layernorm_zero_centered_gamma"] and mistake != "zero_centered_norm" else w
-        return scale - 1.0 if config["norm_weight_offset"] and mistake != "norm_offset" else scale
-
-    # Interleaved rotary pairs (2i, 2i+1) -> half-split pairs (i, i + rot/2), rotated dims only.
-    rot = d if mistake == "partial_rotary" else int(d * args["rotary_percent"])
-    rope = np.arange(d)
-    if args["rotary_interleaved"] and mistake != "rope_permutation":
-        rope = np.concatenate([np.arange(0, rot, 2), np.arange(1, rot, 2), np.arange(rot, d)])
-    # Runtime head t = j * groups + g reads kv head t % groups; Megatron's head g * per_group + j reads g.
-    order = np.arange(heads)
-    if config["kv_head_sharing"] == "tile" and mistake != "kv_sharing":
-        order = np.array([g * per_group + j for j in range(per_group) for g in range(groups)])
-
-    gated = args["attention_output_gate"]
-
-    def split_qkv(x: np.ndarray) -> tuple[np.ndarray, ...]:
-        """Fused, per group [q heads, their gates if gated, k, v] -> q and gate (heads, d, ...), k and v
-        (groups, d, ...)."""
-        if mistake == "qkv_split":
-            q, gate, k, v = np.split(x, np.cumsum([heads * d, gated * heads * d, groups * d]))
-            return tuple(t.reshape(-1, d, *x.shape[1:]) for t in (q, gate, k, v))
-        x = x.reshape(groups, (1 + gated) * per_group + 2, d, *x.shape[1:])
-        q, gate = (x[:, i * per_group:(i + 1) * per_group].reshape(heads, d, *x.shape[3:]) for i in (0, gated))
-        return q, gate, x[:, -2], x[:, -1]
-
-    def with_gate(q: np.ndarray, gate: np.ndarray) -> np.ndarray:
-        """Runtime q_proj rows: per head [query; gate] when gated (runtime head order)."""
-        if not gated:
-            return q
-        q, gate = q.reshape(heads, d, *q.shape[1:]), gate[order]
-        if mistake == "output_gate_layout":  # all queries, then all gates
-            return np.concatenate([q, gate]).reshape(-1, *q.shape[2:])
-        return np.concatenate([q, gate], axis=1).reshape(-1, *q.shape[2:])
-
-    def q_k(q: np.ndarray, k: np.ndarray, permute: bool = True) -> tuple[np.ndarray, np.ndarray]:
-        """Per-head tensors in Megatron order -> flattened runtime q and k."""
-        perm = rope if permute else np.arange(d)
-        return q[order][:, perm].reshape(-1, *q.shape[2:]), k[:, perm].reshape(-1, *k.shape[2:])
-
-    def gate_up(fc1: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """Each tensor rank's fc1 rows [gate; up] -> the full gate and up projections."""
-        if mistake == "tp_fc1_merge":
-            gate, up = np.split(np.concatenate(fc1), 2)
-        else:
-            halves = [np.split(w, 2) for w in fc1]
-            gate, up = (np.concatenate([h[j] for h in halves]) for j in (0, 1))
-        return (up, gate) if mistake == "gate_up_order" else (gate, up)
-
-    def swiglu(t: str, ranks: list[dict], p: str, scale: float = 1.0) -> dict[str, np.ndarray]:
-        gate, up = gate_up([r[p + "linear_fc1.weight"] for r in ranks])
-        down = np.concatenate([r[p + "linear_fc2.weight"] for r in ranks], axis=1)
-        return {t + "gate_proj.weight": gate, t + "up_proj.weight": up, t + "down_proj.weight": down * scale}
-
+    args, config = flipped(args, config, mistake)
     layers, first, last = layer_files(files, args, mistake)
     if mistake == "layer_pattern":  # full attention taken to sit where i % freq == 0, not (i + 1) % freq == 0
         full = [lay for lay in layers if "self_attention.linear_qkv.weight" in lay[0][0]]
@@ -191,76 +161,158 @@ def convert_values(files: Files, args: dict, config: dict, mistake: str | None =
     for i, shards in enumerate(layers):
         ranks, t = shards[0], f"model.layers.{i}."
         if "self_attention.in_proj.weight" in ranks[0]:
-            out |= gated_delta_net(ranks, args, t, mistake)
-            out[t + "input_layernorm.weight"] = norm(ranks[0]["self_attention.in_proj.layer_norm_weight"])
+            out |= gated_delta_net(ranks, args, t + "linear_attn.", mistake)
+            out |= norm(ranks[0], "self_attention.in_proj.layer_norm_", t + "input_layernorm.", args, config)
         else:
-            q, gate, k, v = split_qkv(np.concatenate([r["self_attention.linear_qkv.weight"] for r in ranks]))
-            q, out[t + "self_attn.k_proj.weight"] = q_k(q, k)
-            out[t + "self_attn.q_proj.weight"], out[t + "self_attn.v_proj.weight"] = with_gate(q, gate), v.reshape(-1, H)
-            if args["add_qkv_bias"]:
-                q, gate, k, v = split_qkv(np.concatenate([r["self_attention.linear_qkv.bias"] for r in ranks]))
-                q, out[t + "self_attn.k_proj.bias"] = q_k(q, k, mistake != "qkv_bias")
-                out[t + "self_attn.q_proj.bias"], out[t + "self_attn.v_proj.bias"] = with_gate(q, gate), v.reshape(-1)
-            if args["qk_layernorm"]:
-                q = np.tile(ranks[0]["self_attention.q_layernorm.weight"], (heads, 1))
-                k = ranks[0]["self_attention.k_layernorm.weight"][None]
-                q, k = q_k(q, k, mistake != "qk_norm")
-                out[t + "self_attn.q_norm.weight"], out[t + "self_attn.k_norm.weight"] = norm(q[:d]), norm(k)
-            proj = np.concatenate([r["self_attention.linear_proj.weight"] for r in ranks], axis=1).reshape(H, heads, d)
-            out[t + "self_attn.o_proj.weight"] = proj[:, order].reshape(H, heads * d)
-            out[t + "input_layernorm.weight"] = norm(ranks[0]["self_attention.linear_qkv.layer_norm_weight"])
+            out |= attention(ranks, args, config, t + "self_attn.", mistake)
+            out |= norm(ranks[0], "self_attention.linear_qkv.layer_norm_", t + "input_layernorm.", args, config)
         if "mlp.router.weight" in ranks[0]:
-            out |= moe(shards, args, t + "mlp.", mistake)
-            factor = args["moe_router_topk_scaling_factor"] if mistake == "shared_expert_scaling" else 1.0
-            out |= swiglu(t + "mlp.shared_expert.", ranks, "mlp.shared_experts.", factor)
-            out[t + "mlp.shared_expert_gate.weight"] = ranks[0]["mlp.shared_experts.gate_weight"]
-            out[t + "post_attention_layernorm.weight"] = norm(ranks[0]["pre_mlp_layernorm.weight"])
+            out |= moe(shards, args, config, t + "mlp.", mistake)
+            out |= norm(ranks[0], "pre_mlp_layernorm.", t + "post_attention_layernorm.", args, config)
         else:
-            out |= swiglu(t + "mlp.", ranks, "mlp.")
-            out[t + "post_attention_layernorm.weight"] = norm(ranks[0]["mlp.linear_fc1.layer_norm_weight"])
+            out |= swiglu(ranks, "mlp.", t + "mlp.", mistake)
+            out |= norm(ranks[0], "mlp.linear_fc1.layer_norm_", t + "post_attention_layernorm.", args, config)
+    return out | embeddings(files, args, config, first, last, mistake)
+
+
+def norm(w: dict, key: str, name: str, args: dict, config: dict) -> dict[str, np.ndarray]:
+    """Megatron's norm weight (the multiplier, or its offset from 1 under zero-centred gamma) ->
+    the runtime's (the multiplier, or its offset from 1 with norm_weight_offset); a LayerNorm's bias as is."""
+    weight = w[key + "weight"] + args["layernorm_zero_centered_gamma"] - config["norm_weight_offset"]
+    return {name + "weight": weight} | ({name + "bias": w[key + "bias"]} if args["normalization"] == "LayerNorm" else {})
+
+
+def rope_order(args: dict, config: dict, mistake: str | None) -> np.ndarray:
+    """Row order within a head that turns Megatron's rotary layout into the runtime's: interleaved
+    pairs (2i, 2i+1) <-> halves (i, i + rot/2) over the rotated dims, the rest in place."""
+    d = args["kv_channels"]
+    rot = d if mistake == "partial_rotary" else int(d * args["rotary_percent"])
+    to_halves = np.concatenate([np.arange(0, rot, 2), np.arange(1, rot, 2), np.arange(rot, d)])
+    if args["rotary_interleaved"] == config["rope_interleave"]:
+        return np.arange(d)
+    return to_halves if args["rotary_interleaved"] else np.argsort(to_halves)
+
+
+def split_qkv(x: np.ndarray, args: dict, mistake: str | None) -> tuple[np.ndarray, ...]:
+    """Fused, per kv group [q heads, their output gates if gated, k, v] -> q and gate (heads, d, ...),
+    k and v (groups, d, ...)."""
+    heads, groups, d, gated = (args[k] for k in ("num_attention_heads", "num_query_groups", "kv_channels",
+                                                  "attention_output_gate"))
+    per_group = heads // groups
+    if mistake == "qkv_split":
+        q, gate, k, v = np.split(x, np.cumsum([heads * d, gated * heads * d, groups * d]))
+        return tuple(t.reshape(-1, d, *x.shape[1:]) for t in (q, gate, k, v))
+    x = x.reshape(groups, (1 + gated) * per_group + 2, d, *x.shape[1:])
+    q, gate = (x[:, i * per_group:(i + 1) * per_group].reshape(heads, d, *x.shape[3:]) for i in (0, gated))
+    return q, gate, x[:, -2], x[:, -1]
+
+
+def attention(ranks: list[dict], args: dict, config: dict, t: str, mistake: str | None) -> dict[str, np.ndarray]:
+    """One layer's self-attention from its tensor-parallel shards: q, k and v with the rotary dims in
+    the runtime's order (and q/k biases and norms with them), q_proj per head [query; gate] if gated."""
+    H, d, p = args["hidden_size"], args["kv_channels"], "self_attention."
+    rope = rope_order(args, config, mistake)
+
+    def q_proj(q: np.ndarray, gate: np.ndarray) -> np.ndarray:
+        if not args["attention_output_gate"]:
+            return q.reshape(-1, *q.shape[2:])
+        if mistake == "output_gate_layout":  # all queries, then all gates
+            return np.concatenate([q, gate]).reshape(-1, *q.shape[2:])
+        return np.concatenate([q, gate], axis=1).reshape(-1, *q.shape[2:])
+
+    def qkv(name: str, permuted: bool) -> dict[str, np.ndarray]:
+        q, gate, k, v = split_qkv(np.concatenate([r[p + "linear_qkv." + name] for r in ranks]), args, mistake)
+        order = rope if permuted else np.arange(d)
+        return {t + "q_proj." + name: q_proj(q[:, order], gate), t + "k_proj." + name: k[:, order].reshape(-1, *k.shape[2:]),
+                t + "v_proj." + name: v.reshape(-1, *v.shape[2:])}
+
+    out = qkv("weight", True) | (qkv("bias", mistake != "qkv_bias") if args["add_qkv_bias"] else {})
+    if args["qk_layernorm"]:
+        order = rope if mistake != "qk_norm" else np.arange(d)
+        for x in "qk":
+            out |= {k: v[order] for k, v in norm(ranks[0], f"{p}{x}_layernorm.", f"{t}{x}_norm.", args, config).items()}
+    out[t + "o_proj.weight"] = np.concatenate([r[p + "linear_proj.weight"] for r in ranks], axis=1).reshape(H, -1)
+    return out
+
+
+def gate_up(fc1: list[np.ndarray], mistake: str | None, merge_mistake: str) -> tuple[np.ndarray, np.ndarray]:
+    """Each tensor rank's fc1 rows [gate; up] -> the full gate and up projections."""
+    if mistake == merge_mistake:  # the ranks' rows joined first, then halved
+        gate, up = np.split(np.concatenate(fc1), 2)
+    else:
+        halves = [np.split(w, 2) for w in fc1]
+        gate, up = (np.concatenate([h[j] for h in halves]) for j in (0, 1))
+    return (up, gate) if mistake == "gate_up_order" else (gate, up)
+
+
+def swiglu(ranks: list[dict], p: str, t: str, mistake: str | None, scale: float = 1.0) -> dict[str, np.ndarray]:
+    gate, up = gate_up([r[p + "linear_fc1.weight"] for r in ranks], mistake, "tp_fc1_merge")
+    down = np.concatenate([r[p + "linear_fc2.weight"] for r in ranks], axis=1)
+    return {t + "gate_proj.weight": gate, t + "up_proj.weight": up, t + "down_proj.weight": down * scale}
+
+
+def expert(w: dict, i: int, args: dict, mistake: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """Local expert i's fc1 [gate; up] and fc2 on one rank, [out, in], from the checkpoint's format:
+    legacy GroupedMLP weight1/weight2 read through view(local, hidden, -1) and view(local, -1, hidden)
+    as [in, out]; TEGroupedMLP's weight{i} and SequentialMLP's local_experts.{i} as they are."""
+    p, H = "mlp.experts.", args["hidden_size"]
+    if args["moe_grouped_gemm"] and args["moe_use_legacy_grouped_gemm"]:
+        local, w1 = args["num_experts"] // args["expert_model_parallel_size"], w[p + "weight1"]
+        fc1 = w1[:, i * w1.shape[1] // local:(i + 1) * w1.shape[1] // local] if mistake == "grouped_gemm_layout" \
+            else w1.reshape(local, H, -1)[i]
+        fc1, fc2 = fc1.T, w[p + "weight2"].reshape(local, -1, H)[i].T
+    else:
+        fc = f"linear_fc{{}}.weight{i}" if args["moe_grouped_gemm"] else f"local_experts.{i}.linear_fc{{}}.weight"
+        fc1, fc2 = w[p + fc.format(1)], w[p + fc.format(2)]
+    if mistake == "expert_orientation":  # each square block read in the other orientation
+        return np.concatenate([x.T for x in np.split(fc1, 2)]), fc2.T
+    return fc1, fc2
+
+
+def moe(shards: list[list[dict]], args: dict, config: dict, t: str, mistake: str | None) -> dict[str, np.ndarray]:
+    """Router, routed experts and shared expert of one layer; shards[e][r] is expert rank e, tensor rank r.
+    A routing scale the runtime does not apply itself is folded into every routed expert's down_proj."""
+    router, ep, E = shards[0][0], args["expert_model_parallel_size"], args["num_experts"]
+    scale = (args["moe_router_topk_scaling_factor"] or 1.0) / config.get("routed_scaling_factor", 1.0)
+    out = {t + "gate.weight": router["mlp.router.weight"]}
+    if config["scoring_func"] == "sigmoid":  # DeepSeek-V3's correction bias is Megatron's expert_bias, else none
+        out[t + "gate.e_score_correction_bias"] = router["mlp.router.expert_bias"] \
+            if args["moe_router_enable_expert_bias"] else np.zeros(E)
+    for e, ranks in enumerate(shards):
+        for i in range(E // ep):
+            g = i * ep + e if mistake == "expert_id" else e * (E // ep) + i  # expert rank e holds e * local ...
+            fc1, fc2 = zip(*(expert(r, i, args, mistake) for r in ranks))
+            gate, up = gate_up(list(fc1), mistake, "expert_tp_merge")
+            x = t + f"experts.{g}."
+            out |= {x + "gate_proj.weight": gate, x + "up_proj.weight": up,
+                    x + "down_proj.weight": np.concatenate(fc2, axis=1) * scale}
+    out |= swiglu(shards[0], "mlp.shared_experts.", t + "shared_expert.", mistake,
+                  scale if mistake == "shared_expert_scaling" else 1.0)
+    if args["moe_shared_expert_gate"]:
+        out[t + "shared_expert_gate.weight"] = router["mlp.shared_experts.gate_weight"]
+    return out
+
+
+def embeddings(files: Files, args: dict, config: dict, first: str, last: str, mistake: str | None) -> dict:
+    """The input embedding (divided by the runtime's sqrt(hidden) scale, if it has one), lm_head and the
+    final norm; vocab-parallel tables lose their padding, which sits at the end of the last rank."""
+    V, tp, pp = args["vocab_size"], args["tensor_model_parallel_size"], args["pipeline_model_parallel_size"]
 
     def vocab(name: str, stage: int, prefix: str) -> np.ndarray:
-        """A vocab-parallel table without its padding, which sits at the end of the last rank."""
         shards = [files[r, stage, 0][prefix + name] for r in range(tp)]
         if mistake == "vocab_padding":
             return np.concatenate([s[: -(-V // tp)] for s in shards])[:V]
         return np.concatenate(shards)[:V]
 
     table = vocab("embedding.word_embeddings.weight", 0, first)
-    scale = np.sqrt(H) if config["scale_embeddings"] and mistake != "embed_scale" else 1.0
-    out["model.embed_tokens.weight"] = table / scale
-    untied = args["untie_embeddings_and_output_weights"] and mistake != "untied_output"
-    out["lm_head.weight"] = vocab("output_layer.weight", pp - 1, last) if untied else table
-    out["model.norm.weight"] = norm(files[0, pp - 1, 0][last + "decoder.final_layernorm.weight"])
-    return out
+    scale = np.sqrt(args["hidden_size"]) if config["scale_embeddings"] else 1.0
+    untied = args["untie_embeddings_and_output_weights"]
+    return {"model.embed_tokens.weight": table / scale,
+            "lm_head.weight": vocab("output_layer.weight", pp - 1, last) if untied else table,
+            **norm(files[0, pp - 1, 0], last + "decoder.final_layernorm.", "model.norm.", args, config)}
 
 
-def moe(shards: list[list[dict]], args: dict, t: str, mistake: str | None) -> dict[str, np.ndarray]:
-    """Router and routed experts of one layer; shards[e][r] is expert rank e, tensor rank r."""
-    H, ep = args["hidden_size"], args["expert_model_parallel_size"]
-    local, f = args["num_experts"] // ep, args["moe_ffn_hidden_size"] // args["expert_tensor_parallel_size"]
-    # The runtime renormalises the top-k weights to sum to 1; Megatron then multiplies by the factor.
-    scale = 1.0 if mistake == "router_scaling" else args["moe_router_topk_scaling_factor"] or 1.0
-    out = {t + "gate.weight": shards[0][0]["mlp.router.weight"]}
-    for e, ranks in enumerate(shards):
-        for i in range(local):
-            g = i * ep + e if mistake == "expert_id" else e * local + i  # expert rank e holds e*local ...
-            blocks = []  # per tensor rank: (hidden, 2f) = [gate | up] in [in, out] orientation
-            for r in ranks:
-                w1 = r["mlp.experts.weight1"]
-                blocks.append(w1[:, i * 2 * f:(i + 1) * 2 * f] if mistake == "grouped_gemm_layout"
-                              else w1.reshape(local, H, 2 * f)[i])
-            if mistake == "expert_tp_merge":
-                gate, up = np.split(np.concatenate(blocks, axis=1), 2, axis=1)
-            else:
-                gate, up = (np.concatenate([b[:, j * f:(j + 1) * f] for b in blocks], axis=1) for j in (0, 1))
-            down = np.concatenate([r["mlp.experts.weight2"].reshape(local, f, H)[i] for r in ranks])
-            p = t + f"experts.{g}."
-            out |= {p + "gate_proj.weight": gate.T, p + "up_proj.weight": up.T, p + "down_proj.weight": down.T * scale}
-    return out
-
-
-def gated_delta_net(ranks: list[dict], args: dict, t: str, mistake: str | None) -> dict[str, np.ndarray]:
+def gated_delta_net(ranks: list[dict], args: dict, a_: str, mistake: str | None) -> dict[str, np.ndarray]:
     """One Gated DeltaNet layer's tensor-parallel shards -> the runtime's linear_attn tensors."""
     p, tp, H = "self_attention.", len(ranks), args["hidden_size"]
     nk, nv, dk, dv = (args[f"linear_{k}"] for k in ("num_key_heads", "num_value_heads", "key_head_dim", "value_head_dim"))
@@ -287,34 +339,11 @@ def gated_delta_net(ranks: list[dict], args: dict, t: str, mistake: str | None) 
         return np.concatenate([ranks[0 if mistake == "gdn_decay_split" else i][p + name] for i in range(tp)])
 
     # Megatron's out_norm applies 1 + w under zero-centred gamma; the runtime's gated norm applies w.
-    offset = args["layernorm_zero_centered_gamma"] and mistake not in ("gated_norm_offset", "zero_centered_norm")
-    a_ = t + "linear_attn."
+    offset = args["layernorm_zero_centered_gamma"] and mistake != "gated_norm_offset"
     return {a_ + "in_proj_qkvz.weight": qkvz, a_ + "in_proj_ba.weight": ba, a_ + "conv1d.weight": conv,
             a_ + "A_log": per_head("A_log"), a_ + "dt_bias": per_head("dt_bias"),
             a_ + "norm.weight": ranks[0][p + "out_norm.weight"] + offset,
             a_ + "out_proj.weight": np.concatenate([w[p + "out_proj.weight"] for w in ranks], axis=1)}
-
-
-def explain_failure(weights: dict[str, np.ndarray], reference: dict[str, np.ndarray], files: Files, args: dict,
-            config: dict, optimizer: Files | None, level: int) -> tuple[str, str]:
-    """(label, detail) for a failing submission: the known wrong conversion (first used at `level` or
-    before) that gives every tensor where `weights` differ from `reference` and changes no other;
-    "other" if none does, so that a label always says what happened."""
-    def same(a: np.ndarray, b: np.ndarray | None) -> bool:  # None: a conversion that does not write that tensor
-        return b is not None and a.shape == b.shape and (np.array_equal(a, b) or np.allclose(a, b, rtol=1e-3, atol=1e-6))
-
-    differing = [k for k in reference if not same(weights[k], reference[k])]
-    if not differing:
-        return "other", "every tensor is within rtol 1e-3 of the reference conversion, yet the logits miss"
-    values = read_values(files, args, optimizer)  # shared by the mistakes not made in reading
-    for mistake in (m for m, first in MISTAKES.items() if first <= level):
-        read = read_values(files, args, optimizer, mistake) if mistake in READING_MISTAKES else values
-        wrong = convert_values(read, args, config, mistake)
-        if all(same(weights[k], wrong.get(k)) for k in differing) and \
-                all(same(reference[k], wrong.get(k)) for k in reference if k not in differing):
-            return mistake, f"the {len(differing)} tensors that differ are those of a conversion that gets {mistake} wrong"
-    return "other", (f"{len(differing)} tensors differ (first: {differing[0]}); no single known mistake gives them "
-                     "all and only them")
 
 
 def read_files(ws: Path, args: dict, name: str = "model_optim_rng.npz") -> Files:

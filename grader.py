@@ -15,9 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from conversions import convert, explain_failure
+from conversions import convert
 from data import target_model
-from task import LEVELS, MAX_SUBMISSION_BYTES, TOLERANCE, make_instance, non_negative, original_logits, token_sequences
+from diagnosis import explain_failure
+from instances import make_instance, original_logits, token_sequences
+from task import LEVELS, MAX_SUBMISSION_BYTES, TOLERANCE, non_negative
 
 
 @dataclass

@@ -276,10 +276,10 @@ async def run_all(runs: list[Run], clients: list, opts: argparse.Namespace, isol
 
 def plan(opts: argparse.Namespace) -> list[tuple[Run, str, list | None]]:
     """Every (run, name, script) of the sweep, levels interleaved so that an early stop covers each.
-    Offline, a level's runs are its scripted conversions; online, --runs seeds of it."""
+    Offline, a level's runs are its scripted conversions of the instance at --seed; online, --runs seeds of it."""
     if opts.offline:
         from scripted_api import offline_scripts
-        per_level = {lv: offline_scripts(lv) for lv in opts.levels}
+        per_level = {lv: offline_scripts(lv, opts.seed) for lv in opts.levels}
     else:
         per_level = {lv: [("model", None)] * opts.runs for lv in opts.levels}
     planned = []
@@ -287,7 +287,7 @@ def plan(opts: argparse.Namespace) -> list[tuple[Run, str, list | None]]:
         for lv in opts.levels:
             if i < len(per_level[lv]):
                 name, script = per_level[lv][i]
-                planned.append((Run(len(planned), opts.seed + i, lv), name, script))
+                planned.append((Run(len(planned), opts.seed + i * (not opts.offline), lv), name, script))
     return planned
 
 
@@ -313,8 +313,8 @@ def main(argv: list[str] | None = None) -> int:
         print(isolation, file=sys.stderr)
     planned = plan(opts)
     previous, spent_before = kept_runs(opts, Run)
-    kept = {(r.level, r.seed) for r in previous}
-    todo = [(run, name, script) for run, name, script in planned if (run.level, run.seed) not in kept]
+    kept = {r.run_id for r in previous}  # the plan is the same on resuming, so its numbers name the same runs
+    todo = [(run, name, script) for run, name, script in planned if run.run_id not in kept]
     if opts.offline:
         from scripted_api import ScriptedClient
         clients = [ScriptedClient(script) for _, _, script in todo]

@@ -14,7 +14,9 @@ from pathlib import Path
 import anthropic
 import httpx2 as httpx  # the HTTP library of anthropic>=2
 
-from conversions import MISTAKES
+from conversions import convert
+from diagnosis import mistakes_in_play
+from instances import make_instance
 
 _ids = itertools.count()
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -168,7 +170,9 @@ def conversion_script(mistake: str | None) -> list:
             reply(tool_use("submit", {"path": "converted.npz"}))]
 
 
-def offline_scripts(level: int) -> list[tuple[str, list]]:
-    """The reference conversion, then every wrong conversion that applies at this level."""
-    return [("reference", conversion_script(None))] + [
-        (m, conversion_script(m)) for m, first in MISTAKES.items() if first <= level]
+def offline_scripts(level: int, seed: int) -> list[tuple[str, list]]:
+    """The reference conversion, then every wrong conversion in play on this instance."""
+    inst = make_instance(level, seed)
+    reference = convert(inst.files, inst.args, inst.config, optimizer=inst.optimizer)
+    return [("reference", conversion_script(None))] + [(m, conversion_script(m)) for m, _ in mistakes_in_play(
+        inst.files, inst.args, inst.config, inst.optimizer, level, reference)]

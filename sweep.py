@@ -222,7 +222,7 @@ def kept_runs(opts: argparse.Namespace, make: Callable[..., Run]) -> tuple[list[
     """What a --resume keeps: the latest record of each run that passed or failed (the rest start
     over), and what every other record had already spent, which still counts against the cap."""
     records = recorded_runs(opts.out, make) if opts.resume else []
-    latest = {(r.level, r.seed): r for r in records}  # a run started over is recorded again
+    latest = {r.run_id: r for r in records}  # a run started over is recorded again
     previous = [r for r in latest.values() if r.outcome in ("pass", "fail")]
     kept = {id(r) for r in previous}
     spent = 0.0 if opts.offline else sum(report.estimated_cost(opts.model, r.usage) or 0.0 for r in records

@@ -43,7 +43,10 @@ def random_files(args: dict, rng: np.random.Generator) -> Files:
                 files[t, stage, e][key] = shards[t]
 
     def norm(key: str, n: int, stage: int, te_state=TE_NORM_STATE) -> None:
+        """`key` + weight (and + bias under LayerNorm: TE's LayerNorm and LayerNormLinear)."""
         put(key + "weight", [normal(n, std=0.3) + (0.0 if args["layernorm_zero_centered_gamma"] else 1.0)] * tp, stage)
+        if args["normalization"] == "LayerNorm":
+            put(key + "bias", [normal(n, std=0.3)] * tp, stage)
         if te_state is not None:  # None: the norm is fused into the TE linear that follows
             put(key + "_extra_state", [te_state] * tp, stage)
 
@@ -70,19 +73,37 @@ def random_files(args: dict, rng: np.random.Generator) -> Files:
         norm(a + "out_norm.", args["linear_value_head_dim"], stage)
         sharded(a + "out_proj.", stage, H, value, std=0.2 * (value * tp) ** -0.5)
 
-    def grouped_experts(p: str, stage: int) -> None:
-        """Legacy GroupedMLP: weight1 is allocated (hidden, local * 2 * ffn / etp) and used as
-        view(local, hidden, -1), [gate | up] of the rank's slice per expert; weight2 is
-        (local * ffn / etp, hidden), used as view(local, -1, hidden) (moe/experts.py, GroupedMLP)."""
+    def experts(p: str, stage: int) -> None:
+        """Each expert rank's own experts, per expert-tensor rank (= tensor rank, source_model.moe)
+        fc1 [gate | up] of its slice and fc2, in the checkpoint's format (moe/experts.py): legacy
+        GroupedMLP allocates weight1 (hidden, local * 2 * ffn / etp) and weight2 (local * ffn / etp,
+        hidden) and uses them as view(local, hidden, -1) and view(local, -1, hidden), [in, out];
+        TEGroupedMLP's linear_fc1 holds weight{i} per expert and SequentialMLP local_experts.{i}
+        an MLP, both [out, in], each TE module with its extra state after its weights."""
         local, f = args["num_experts"] // ep, args["moe_ffn_hidden_size"] // args["expert_tensor_parallel_size"]
-        for e in range(ep):  # this rank's experts only; expert-tensor rank = tensor rank (source_model.moe)
-            put(p + "weight1", [normal(local, H, 2 * f, std=H**-0.5).reshape(H, -1) for _ in range(tp)], stage, [e])
-            put(p + "weight2", [normal(local, f, H, std=(tp * f) ** -0.5).reshape(-1, H) for _ in range(tp)], stage, [e])
+        legacy = args["moe_grouped_gemm"] and args["moe_use_legacy_grouped_gemm"]
+        for e in range(ep):
+            w1 = [normal(local, H, 2 * f, std=H**-0.5) for _ in range(tp)]  # [in, out] per expert
+            w2 = [normal(local, f, H, std=(tp * f) ** -0.5) for _ in range(tp)]
+            if legacy:
+                put(p + "weight1", [w.reshape(H, -1) for w in w1], stage, [e])
+                put(p + "weight2", [w.reshape(-1, H) for w in w2], stage, [e])
+            elif args["moe_grouped_gemm"]:
+                for n, w in ((1, w1), (2, w2)):
+                    for i in range(local):
+                        put(p + f"linear_fc{n}.weight{i}", [x[i].T for x in w], stage, [e])
+                    put(p + f"linear_fc{n}._extra_state", [TE_MODULE_STATE] * tp, stage, [e])
+            else:
+                for i in range(local):
+                    for n, w in ((1, w1), (2, w2)):
+                        put(p + f"local_experts.{i}.linear_fc{n}.weight", [x[i].T for x in w], stage, [e])
+                        put(p + f"local_experts.{i}.linear_fc{n}._extra_state", [TE_MODULE_STATE] * tp, stage, [e])
 
     order = chunks(args)
     (first, fp), (last, lp) = order[0], order[-1]
     vocab_rows = args["padded_vocab_size"] // tp
-    put(fp + "embedding.word_embeddings.weight", [normal(vocab_rows, H, std=1.0) for _ in range(tp)], first)
+    table = [normal(vocab_rows, H, std=1.0) for _ in range(tp)]
+    put(fp + "embedding.word_embeddings.weight", table, first)
     # Per query group: [q heads, their output gates if attention_output_gate, k, v].
     qkv_rows = ((1 + args["attention_output_gate"]) * heads + 2 * groups) * d // tp
     number = 0
@@ -108,7 +129,9 @@ def random_files(args: dict, rng: np.random.Generator) -> Files:
             if args["num_experts"] and args["moe_layer_freq"][number]:
                 norm(p + "pre_mlp_layernorm.", H, stage)
                 put(p + "mlp.router.weight", [normal(args["num_experts"], H, std=3 * H**-0.5)] * tp, stage)
-                grouped_experts(p + "mlp.experts.", stage)
+                if args["moe_router_enable_expert_bias"]:  # a persistent fp32 buffer, after the router's weight
+                    put(p + "mlp.router.expert_bias", [normal(args["num_experts"], std=0.2).astype(np.float32)] * tp, stage)
+                experts(p + "mlp.experts.", stage)
                 if args["moe_shared_expert_gate"]:  # SharedExpertMLP's own parameter, before its linear layers
                     put(p + "mlp.shared_experts.gate_weight", [normal(1, H, std=H**-0.5)] * tp, stage)
                 fc1_fc2(p + "mlp.shared_experts.", stage, args["moe_shared_expert_intermediate_size"])
@@ -119,12 +142,14 @@ def random_files(args: dict, rng: np.random.Generator) -> Files:
     norm(lp + "decoder.final_layernorm.", H, last)
     if args["untie_embeddings_and_output_weights"]:
         put(lp + "output_layer.weight", [normal(vocab_rows, H, std=1.0) for _ in range(tp)], last)
+    elif args["pipeline_model_parallel_size"] > 1:  # tied: the last stage keeps its own copy, synced to the
+        put(lp + "output_layer.weight", table, last)  # embedding (LanguageModule.setup_embeddings_and_output_layer)
     return files
 
 
 def to_bf16(files: Files) -> Files:
-    """Parameters as bf16 bits; TE extra states (uint8) as they are."""
-    return {rank: {k: v if v.dtype == np.uint8 else float_to_bf16(v) for k, v in tensors.items()}
+    """Parameters as bf16 bits; fp32 buffers and TE extra states (uint8) as they are."""
+    return {rank: {k: float_to_bf16(v) if v.dtype == np.float64 else v for k, v in tensors.items()}
             for rank, tensors in files.items()}
 
 

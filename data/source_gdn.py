@@ -11,8 +11,8 @@ def l2norm(x: np.ndarray) -> np.ndarray:
     return x / np.sqrt(np.sum(x * x, axis=-1, keepdims=True) + 1e-6)
 
 
-def gated_delta_net(h: np.ndarray, w: dict, p: str, args: dict, rms_norm) -> np.ndarray:
-    """(T, hidden) -> this rank's partial sum of out_proj, (T, hidden). rms_norm(x, weight, args) is
+def gated_delta_net(h: np.ndarray, w: dict, p: str, args: dict, norm) -> np.ndarray:
+    """(T, hidden) -> this rank's partial sum of out_proj, (T, hidden). norm(x, w, key, args) is
     the model's norm (out_norm), applied per value head before the SiLU gate."""
     T, tp = h.shape[0], args["tensor_model_parallel_size"]
     nk, nv = args["linear_num_key_heads"] // tp, args["linear_num_value_heads"] // tp  # this rank's heads
@@ -33,5 +33,5 @@ def gated_delta_net(h: np.ndarray, w: dict, p: str, args: dict, rms_norm) -> np.
         delta = (v[t] - np.einsum("hk,hkv->hv", k[t], state)) * beta[t][:, None]
         state = state + k[t][:, :, None] * delta[:, None, :]
         out[t] = np.einsum("hk,hkv->hv", q[t], state)
-    out = rms_norm(out, w[p + "out_norm.weight"], args) * silu(z.reshape(T, nv, dv))
+    out = norm(out, w, p + "out_norm.weight", args) * silu(z.reshape(T, nv, dv))
     return out.reshape(T, -1) @ w[p + "out_proj.weight"].T

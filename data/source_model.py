@@ -54,7 +54,9 @@ def load_checkpoint(directory: str | Path) -> Checkpoint:
     files = {}
     for rank in ranks(args):
         with np.load(saved / rank_file(args, *rank, iteration)) as f:
-            files[rank] = {k: bf16_to_float(f[k]) for k in f.files if f[k].dtype == np.uint16}  # not _extra_state
+            # bf16 parameters as bits, fp32 buffers (the router's expert_bias) as they are, not _extra_state
+            files[rank] = {k: bf16_to_float(f[k]) if f[k].dtype == np.uint16 else f[k].astype(np.float64)
+                           for k in f.files if f[k].dtype != np.uint8}
     return Checkpoint(args, files)
 
 
@@ -65,9 +67,15 @@ def chunks(args: dict) -> list[tuple[int, str]]:
             for p in range(args["pipeline_model_parallel_size"])]
 
 
-def rms_norm(x: np.ndarray, weight: np.ndarray, args: dict) -> np.ndarray:
-    scale = 1.0 + weight if args["layernorm_zero_centered_gamma"] else weight
-    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + args["layernorm_epsilon"]) * scale
+def norm(x: np.ndarray, w: dict, key: str, args: dict) -> np.ndarray:
+    """Megatron's `normalization` (TE): RMSNorm, or LayerNorm with its bias saved beside the weight
+    (`...layer_norm_bias` of a fused norm, `.bias` of a TENorm); x (1 + w) under zero-centred gamma."""
+    scale = 1.0 + w[key] if args["layernorm_zero_centered_gamma"] else w[key]
+    if args["normalization"] == "RMSNorm":
+        return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + args["layernorm_epsilon"]) * scale
+    x = x - x.mean(axis=-1, keepdims=True)
+    bias = w[key.removesuffix("weight") + "bias"]
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + args["layernorm_epsilon"]) * scale + bias
 
 
 def rotate_half(x: np.ndarray, interleaved: bool) -> np.ndarray:
@@ -106,7 +114,7 @@ def attention(h: np.ndarray, w: dict, p: str, args: dict) -> np.ndarray:
     q, gate = (qkv[:, :, i * per_group:(i + 1) * per_group].reshape(T, groups * per_group, d) for i in (0, gated))
     k, v = qkv[:, :, -2], qkv[:, :, -1]  # (T, groups, d)
     if args["qk_layernorm"]:
-        q, k = rms_norm(q, w[p + "q_layernorm.weight"], args), rms_norm(k, w[p + "k_layernorm.weight"], args)
+        q, k = norm(q, w, p + "q_layernorm.weight", args), norm(k, w, p + "k_layernorm.weight", args)
     q, k = apply_rotary(q, args), apply_rotary(k, args)
     k, v = np.repeat(k, per_group, axis=1), np.repeat(v, per_group, axis=1)
     scores = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(d)
@@ -136,33 +144,63 @@ def mlp(h: np.ndarray, w: dict, p: str) -> np.ndarray:
     return swiglu(h @ w[p + "linear_fc1.weight"].T) @ w[p + "linear_fc2.weight"].T
 
 
+def route(logits: np.ndarray, args: dict, expert_bias: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(the scores that choose the experts, the top-k experts, their weights) per token, as
+    topk_routing_with_score_function (moe/moe_utils.py) computes them."""
+    k = args["moe_router_topk"]
+
+    def softmax(x: np.ndarray) -> np.ndarray:
+        e = np.exp(x - x.max(axis=-1, keepdims=True))
+        return e / e.sum(axis=-1, keepdims=True)
+
+    sigmoid = args["moe_router_score_function"] == "sigmoid"  # which ignores moe_router_pre_softmax
+    scores = 1 / (1 + np.exp(-logits)) if sigmoid else softmax(logits)
+    # The bias only chooses, never weighs; a softmax ranks experts as their logits do.
+    choose = (scores if expert_bias is None else scores + expert_bias) if sigmoid else logits
+    top = np.argsort(-choose, axis=-1, kind="stable")[:, :k]
+    if sigmoid:  # the chosen sigmoid scores, summing to 1 if there are several
+        probs = np.take_along_axis(scores, top, axis=-1)
+        probs = probs / probs.sum(axis=-1, keepdims=True) if k > 1 else probs
+    elif args["moe_router_pre_softmax"]:  # the softmax over all experts, not renormalised
+        probs = np.take_along_axis(scores, top, axis=-1)
+    else:  # a softmax over the top-k logits
+        probs = softmax(np.take_along_axis(logits, top, axis=-1))
+    return choose, top, probs * (args["moe_router_topk_scaling_factor"] or 1.0)
+
+
+def expert(w: dict, p: str, i: int, args: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Local expert i's fc1 and fc2 on one rank, [in, out], in the checkpoint's expert format:
+    legacy GroupedMLP (raw views of weight1 and weight2), TEGroupedMLP (one weight per expert)
+    or SequentialMLP (one MLP per expert); moe/experts.py."""
+    if args["moe_grouped_gemm"] and args["moe_use_legacy_grouped_gemm"]:
+        local, H = args["num_experts"] // args["expert_model_parallel_size"], args["hidden_size"]
+        return w[p + "weight1"].reshape(local, H, -1)[i], w[p + "weight2"].reshape(local, -1, H)[i]
+    fc = f"linear_fc{{}}.weight{i}" if args["moe_grouped_gemm"] else f"local_experts.{i}.linear_fc{{}}.weight"
+    return w[p + fc.format(1)].T, w[p + fc.format(2)].T
+
+
 def moe(h: np.ndarray, shards: list[list[dict]], p: str, args: dict, margins: list | None) -> np.ndarray:
     """A mixture-of-experts MLP; shards[e][t] is the file of expert rank e, tensor rank t.
 
     Expert-tensor rank equals tensor rank: both rank generators put tp first
     ('tp-cp-ep-dp-pp' in megatron/core/parallel_state.py) and the sizes are equal.
     """
-    H, k = args["hidden_size"], args["moe_router_topk"]
-    logits = h @ shards[0][0][p + "router.weight"].T  # (T, num_experts)
-    top = np.argsort(-logits, axis=-1, kind="stable")[:, :k]
+    router, k = shards[0][0], args["moe_router_topk"]
+    choose, top, probs = route(h @ router[p + "router.weight"].T, args, router.get(p + "router.expert_bias"))
     if margins is not None:  # how close each token came to a different choice of experts
-        ranked = -np.sort(-logits, axis=-1)
+        ranked = -np.sort(-choose, axis=-1)
         margins.append(float(np.min(ranked[:, k - 1] - ranked[:, k])))
-    scores = np.take_along_axis(logits, top, axis=-1)  # top-k on logits, then softmax over the k
-    probs = np.exp(scores - scores.max(axis=-1, keepdims=True))
-    probs *= (args["moe_router_topk_scaling_factor"] or 1.0) / probs.sum(axis=-1, keepdims=True)
     local = args["num_experts"] // args["expert_model_parallel_size"]
     out = 0.0
     for ep, files in enumerate(shards):
         for i in range(local):
             weight = np.sum(probs * (top == ep * local + i), axis=-1, keepdims=True)
-            for w in files:  # legacy GroupedMLP: raw views of weight1 and weight2, [in, out]
-                w1 = w[p + "experts.weight1"].reshape(local, H, -1)[i]
-                w2 = w[p + "experts.weight2"].reshape(local, -1, H)[i]
+            for w in files:  # each expert-tensor rank's share
+                w1, w2 = expert(w, p + "experts.", i, args)
                 out = out + weight * (swiglu(h @ w1) @ w2)
     shared = sum(mlp(h, w, p + "shared_experts.") for w in shards[0])
     if args["moe_shared_expert_gate"]:
-        shared = shared / (1 + np.exp(-h @ shards[0][0][p + "shared_experts.gate_weight"].T))
+        shared = shared / (1 + np.exp(-h @ router[p + "shared_experts.gate_weight"].T))
     return out + shared
 
 
@@ -193,18 +231,19 @@ def forward(ckpt: Checkpoint, tokens: np.ndarray, margins: list | None = None) -
             p = f"{prefix}decoder.layers.{i}."
             w0, a = shards[0][0], p + "self_attention."
             if linear_attention(args, number):  # the input norm is fused into in_proj
-                h = rms_norm(x, w0[a + "in_proj.layer_norm_weight"], args)
-                x = x + sum(gated_delta_net(h, w, a, args, rms_norm) for w in shards[0])
+                h = norm(x, w0, a + "in_proj.layer_norm_weight", args)
+                x = x + sum(gated_delta_net(h, w, a, args, norm) for w in shards[0])
             else:
-                h = rms_norm(x, w0[a + "linear_qkv.layer_norm_weight"], args)
+                h = norm(x, w0, a + "linear_qkv.layer_norm_weight", args)
                 x = x + sum(attention(h, w, a, args) for w in shards[0])
             if args["num_experts"] and args["moe_layer_freq"][number]:
-                x = x + moe(rms_norm(x, w0[p + "pre_mlp_layernorm.weight"], args), shards, p + "mlp.", args, margins)
+                x = x + moe(norm(x, w0, p + "pre_mlp_layernorm.weight", args), shards, p + "mlp.", args, margins)
             else:
-                h = rms_norm(x, w0[p + "mlp.linear_fc1.layer_norm_weight"], args)
+                h = norm(x, w0, p + "mlp.linear_fc1.layer_norm_weight", args)
                 x = x + sum(mlp(h, w, p + "mlp.") for w in shards[0])
             number += 1
-    x = rms_norm(x, files[0, last, 0][lp + "decoder.final_layernorm.weight"], args)
-    output = "output_layer.weight" if args["untie_embeddings_and_output_weights"] else "embedding.word_embeddings.weight"
+    x = norm(x, files[0, last, 0], lp + "decoder.final_layernorm.weight", args)
+    tied = not args["untie_embeddings_and_output_weights"] and args["pipeline_model_parallel_size"] == 1
+    output = "embedding.word_embeddings.weight" if tied else "output_layer.weight"  # a last stage's own copy if tied
     logits = np.concatenate([x @ files[t, last, 0][lp + output].T for t in range(tp)], axis=-1)
     return logits[:, : args["vocab_size"]]

@@ -18,7 +18,7 @@ def expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     H, d, inter, V = config["hidden_size"], config["head_dim"], config["intermediate_size"], config["vocab_size"]
     q, kv = config["num_attention_heads"] * d, config["num_key_value_heads"] * d
     gated = 2 if config.get("attn_output_gate") else 1  # q_proj then holds each head's query and gate
-    norms = {"input_layernorm.weight": (H,), "post_attention_layernorm.weight": (H,)}
+    norms = {f"{n}.{kind}": (H,) for n in ("input_layernorm", "post_attention_layernorm") for kind in norm_params(config)}
     attn = {"self_attn.q_proj.weight": (gated * q, H), "self_attn.k_proj.weight": (kv, H),
             "self_attn.v_proj.weight": (kv, H), "self_attn.o_proj.weight": (H, q)}
     if config["qkv_bias"]:
@@ -26,12 +26,16 @@ def expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     if config["qk_norm"]:
         attn |= {"self_attn.q_norm.weight": (d,), "self_attn.k_norm.weight": (d,)}
     dense = {"mlp.gate_proj.weight": (inter, H), "mlp.up_proj.weight": (inter, H), "mlp.down_proj.weight": (H, inter)}
-    shapes = {"model.embed_tokens.weight": (V, H), "model.norm.weight": (H,), "lm_head.weight": (V, H)}
+    shapes = {"model.embed_tokens.weight": (V, H), "lm_head.weight": (V, H)} | {f"model.norm.{k}": (H,) for k in norm_params(config)}
     for i in range(config["num_hidden_layers"]):
         mixer = linear_attn_shapes(config) if is_linear(config, i) else attn
         mlp = moe_shapes(config) if is_moe(config, i) else dense
         shapes |= {f"model.layers.{i}.{name}": shape for name, shape in (norms | mixer | mlp).items()}
     return shapes
+
+
+def norm_params(config: dict) -> list[str]:
+    return ["weight"] if "rms_norm_eps" in config else ["weight", "bias"]  # RMSNorm (Llama) or LayerNorm (StableLM)
 
 
 def is_linear(config: dict, layer: int) -> bool:
@@ -53,9 +57,12 @@ def is_moe(config: dict, layer: int) -> bool:
 
 def moe_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     H, inter, shared = config["hidden_size"], config["moe_intermediate_size"], config["shared_expert_intermediate_size"]
-    shapes = {"mlp.gate.weight": (config["num_experts"], H), "mlp.shared_expert_gate.weight": (1, H),
-              "mlp.shared_expert.gate_proj.weight": (shared, H), "mlp.shared_expert.up_proj.weight": (shared, H),
-              "mlp.shared_expert.down_proj.weight": (H, shared)}
+    shapes = {"mlp.gate.weight": (config["num_experts"], H), "mlp.shared_expert.gate_proj.weight": (shared, H),
+              "mlp.shared_expert.up_proj.weight": (shared, H), "mlp.shared_expert.down_proj.weight": (H, shared)}
+    if config["shared_expert_gate"]:
+        shapes["mlp.shared_expert_gate.weight"] = (1, H)
+    if config["scoring_func"] == "sigmoid":
+        shapes["mlp.gate.e_score_correction_bias"] = (config["num_experts"],)
     for e in range(config["num_experts"]):
         shapes |= {f"mlp.experts.{e}.gate_proj.weight": (inter, H), f"mlp.experts.{e}.up_proj.weight": (inter, H),
                    f"mlp.experts.{e}.down_proj.weight": (H, inter)}
@@ -73,33 +80,35 @@ def load_checkpoint(path: str | Path, config_path: str | Path = "config.json") -
     return Model(config, weights)
 
 
-def rms_norm(x: np.ndarray, weight: np.ndarray, config: dict) -> np.ndarray:
-    scale = 1.0 + weight if config["norm_weight_offset"] else weight
-    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + config["rms_norm_eps"]) * scale
+def norm(x: np.ndarray, w: dict, key: str, config: dict) -> np.ndarray:
+    """RMSNorm, or LayerNorm with a bias (`layer_norm_eps` in the config); the weight stored as
+    the multiplier or, with norm_weight_offset (Gemma), as its offset from 1."""
+    scale = 1.0 + w[key] if config["norm_weight_offset"] else w[key]
+    if "rms_norm_eps" in config:
+        return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + config["rms_norm_eps"]) * scale
+    x = x - x.mean(axis=-1, keepdims=True)
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + config["layer_norm_eps"]) * scale + \
+        w[key.removesuffix("weight") + "bias"]
 
 
-def rotate_half(x: np.ndarray) -> np.ndarray:
-    """(..., d) -> (..., d): [x1, x2] -> [-x2, x1]."""
+def rotate(x: np.ndarray, interleaved: bool) -> np.ndarray:
+    """rotate_half (Llama: halves [x1, x2] -> [-x2, x1]) or, with rope_interleave (GLM), pairs
+    (x0, x1) -> (-x1, x0)."""
+    if interleaved:
+        return np.stack((-x[..., 1::2], x[..., 0::2]), axis=-1).reshape(x.shape)
     x1, x2 = np.split(x, 2, axis=-1)
     return np.concatenate((-x2, x1), axis=-1)
 
 
 def apply_rope(x: np.ndarray, config: dict) -> np.ndarray:
     """x: (T, heads, head_dim); rotates the first partial_rotary_factor of each head."""
-    dim = int(config["head_dim"] * config["partial_rotary_factor"])
+    dim, interleaved = int(config["head_dim"] * config["partial_rotary_factor"]), config["rope_interleave"]
     inv_freq = 1.0 / config["rope_theta"] ** (np.arange(0, dim, 2) / dim)
     freqs = np.outer(np.arange(x.shape[0]), inv_freq)
-    emb = np.concatenate((freqs, freqs), axis=-1)[:, None, :]  # (T, 1, dim)
+    emb = (np.repeat(freqs, 2, axis=-1) if interleaved else np.concatenate((freqs, freqs), axis=-1))[:, None, :]
     rot, rest = x[..., :dim], x[..., dim:]
-    rot = rot * np.cos(emb) + rotate_half(rot) * np.sin(emb)
+    rot = rot * np.cos(emb) + rotate(rot, interleaved) * np.sin(emb)
     return np.concatenate((rot, rest), axis=-1)
-
-
-def share_kv(x: np.ndarray, n_rep: int, config: dict) -> np.ndarray:
-    """(T, kv_heads, d) -> (T, kv_heads * n_rep, d), the kv head each query head reads."""
-    if config["kv_head_sharing"] == "tile":
-        return np.tile(x, (1, n_rep, 1))
-    return np.repeat(x, n_rep, axis=1)
 
 
 def self_attn(h: np.ndarray, w: dict, p: str, config: dict) -> np.ndarray:
@@ -112,9 +121,9 @@ def self_attn(h: np.ndarray, w: dict, p: str, config: dict) -> np.ndarray:
         q, gate = np.split(q.reshape(T, nq, 2 * d), 2, axis=-1)
     q, k, v = q.reshape(T, nq, d), k.reshape(T, nkv, d), v.reshape(T, nkv, d)
     if config["qk_norm"]:
-        q, k = rms_norm(q, w[p + "q_norm.weight"], config), rms_norm(k, w[p + "k_norm.weight"], config)
+        q, k = norm(q, w, p + "q_norm.weight", config), norm(k, w, p + "k_norm.weight", config)
     q, k = apply_rope(q, config), apply_rope(k, config)
-    k, v = share_kv(k, nq // nkv, config), share_kv(v, nq // nkv, config)
+    k, v = np.repeat(k, nq // nkv, axis=1), np.repeat(v, nq // nkv, axis=1)  # query head h reads kv head h // (nq / nkv)
     scores = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(d)
     scores = np.where(np.tril(np.ones((T, T), bool)), scores, -np.inf)
     probs = np.exp(scores - scores.max(axis=-1, keepdims=True))
@@ -149,7 +158,7 @@ def linear_attn(h: np.ndarray, w: dict, p: str, config: dict) -> np.ndarray:
         delta = (v[t] - np.einsum("hk,hkv->hv", k[t], state)) * beta[t][:, None]
         state = state + k[t][:, :, None] * delta[:, None, :]
         out[t] = np.einsum("hk,hkv->hv", q[t], state)
-    out = out / np.sqrt(np.mean(out * out, axis=-1, keepdims=True) + config["rms_norm_eps"]) * w[p + "norm.weight"]
+    out = out / np.sqrt(np.mean(out * out, axis=-1, keepdims=True) + config["rms_norm_eps"]) * w[p + "norm.weight"]  # w, never 1 + w
     z = z.reshape(T, nv, dv)
     return (out * z / (1 + np.exp(-z))).reshape(T, -1) @ w[p + "out_proj.weight"].T
 
@@ -160,20 +169,29 @@ def mlp(h: np.ndarray, w: dict, p: str) -> np.ndarray:
 
 
 def sparse_moe(h: np.ndarray, w: dict, p: str, config: dict) -> np.ndarray:
-    """Softmax over all experts, the top num_experts_per_tok renormalised; plus a gated shared expert."""
+    """The top num_experts_per_tok experts by softmax over all (Qwen2-MoE) or by sigmoid plus
+    e_score_correction_bias (DeepSeek-V3), weighted by their unbiased scores, renormalised if
+    norm_topk_prob, times routed_scaling_factor; plus the shared expert, gated if configured."""
     logits = h @ w[p + "gate.weight"].T
-    probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    probs /= probs.sum(axis=-1, keepdims=True)
-    top = np.argsort(-probs, axis=-1, kind="stable")[:, : config["num_experts_per_tok"]]
-    chosen = np.take_along_axis(probs, top, axis=-1)
+    if config["scoring_func"] == "sigmoid":
+        scores = 1 / (1 + np.exp(-logits))
+        choose = scores + w[p + "gate.e_score_correction_bias"]
+    else:
+        scores = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        choose = scores = scores / scores.sum(axis=-1, keepdims=True)
+    top = np.argsort(-choose, axis=-1, kind="stable")[:, : config["num_experts_per_tok"]]
+    chosen = np.take_along_axis(scores, top, axis=-1)
     if config["norm_topk_prob"]:
         chosen /= chosen.sum(axis=-1, keepdims=True)
+    chosen = chosen * config.get("routed_scaling_factor", 1.0)
     out = 0.0
     for e in range(config["num_experts"]):
         weight = np.sum(chosen * (top == e), axis=-1, keepdims=True)
         out = out + weight * mlp(h, w, p + f"experts.{e}.")
-    gate = 1 / (1 + np.exp(-h @ w[p + "shared_expert_gate.weight"].T))
-    return out + gate * mlp(h, w, p + "shared_expert.")
+    shared = mlp(h, w, p + "shared_expert.")
+    if config["shared_expert_gate"]:
+        shared = shared / (1 + np.exp(-h @ w[p + "shared_expert_gate.weight"].T))
+    return out + shared
 
 
 def forward(model: Model, tokens: np.ndarray) -> np.ndarray:
@@ -184,9 +202,9 @@ def forward(model: Model, tokens: np.ndarray) -> np.ndarray:
         x = x * np.sqrt(config["hidden_size"])
     for i in range(config["num_hidden_layers"]):
         p = f"model.layers.{i}."
-        h = rms_norm(x, w[p + "input_layernorm.weight"], config)
+        h = norm(x, w, p + "input_layernorm.weight", config)
         x = x + (linear_attn(h, w, p + "linear_attn.", config) if is_linear(config, i) else
                  self_attn(h, w, p + "self_attn.", config))
-        h = rms_norm(x, w[p + "post_attention_layernorm.weight"], config)
+        h = norm(x, w, p + "post_attention_layernorm.weight", config)
         x = x + (sparse_moe(h, w, p + "mlp.", config) if is_moe(config, i) else mlp(h, w, p + "mlp."))
-    return rms_norm(x, w["model.norm.weight"], config) @ w["lm_head.weight"].T
+    return norm(x, w, "model.norm.weight", config) @ w["lm_head.weight"].T

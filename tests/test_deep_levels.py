@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 from conftest import reference
 
-from conversions import convert, convert_values
+from conversions import convert, convert_values, is_parameter
 from data import source_model
 from grader import grade
-from task import ROUTING_MARGIN, build_prompt, make_instance, original_logits, token_sequences, write_workspace
+from instances import ROUTING_MARGIN, make_instance, original_logits, token_sequences, write_workspace
+from task import build_prompt
 
 
 def permute_experts(w: dict, config: dict, perm: np.ndarray) -> dict:
@@ -18,6 +19,8 @@ def permute_experts(w: dict, config: dict, perm: np.ndarray) -> dict:
         if p + "gate.weight" not in w:
             continue
         out[p + "gate.weight"] = w[p + "gate.weight"][np.argsort(perm)]
+        if p + "gate.e_score_correction_bias" in w:  # the bias that chooses experts moves with them too
+            out[p + "gate.e_score_correction_bias"] = w[p + "gate.e_score_correction_bias"][np.argsort(perm)]
         for e in range(config["num_experts"]):
             for name in ("gate_proj", "up_proj", "down_proj"):
                 out[f"{p}experts.{perm[e]}.{name}.weight"] = w[f"{p}experts.{e}.{name}.weight"]
@@ -25,7 +28,7 @@ def permute_experts(w: dict, config: dict, perm: np.ndarray) -> dict:
 
 
 def fold_scale_into_up_proj(w: dict, config: dict, factor: float) -> dict:
-    """The routing scale factor moved from down_proj to up_proj: the same function."""
+    """A factor moved from down_proj to up_proj: the same function."""
     w = dict(w)
     for key in [k for k in w if ".mlp.experts." in k and k.endswith("down_proj.weight")]:
         w[key] = w[key] / factor
@@ -33,17 +36,20 @@ def fold_scale_into_up_proj(w: dict, config: dict, factor: float) -> dict:
     return w
 
 
-@pytest.mark.parametrize("level", [7, 8])
-def test_equivalent_conversions_pass(level, save):
-    inst = make_instance(level, 5)
-    ref = reference(level, 5)
+@pytest.mark.parametrize("level, seed", [(7, 0), (8, 1)])  # sigmoid routing with an expert bias
+def test_equivalent_conversions_pass(level, seed, save):
+    inst = make_instance(level, seed)
+    assert inst.args["moe_router_enable_expert_bias"]
+    ref = reference(level, seed)
     perm = np.array([2, 0, 3, 1])
     permuted = permute_experts(ref, inst.config, perm)
-    assert not np.array_equal(permuted["model.layers.1.mlp.gate.weight"], ref["model.layers.1.mlp.gate.weight"])
-    folded = fold_scale_into_up_proj(ref, inst.config, inst.args["moe_router_topk_scaling_factor"])
+    for name in ("gate.weight", "gate.e_score_correction_bias"):
+        assert not np.array_equal(permuted[f"model.layers.1.mlp.{name}"], ref[f"model.layers.1.mlp.{name}"])
+    folded = fold_scale_into_up_proj(ref, inst.config, 2.0)
     float32 = {k: v.astype(np.float32) for k, v in permuted.items()}
-    for weights in (permuted, folded, float32):
-        g = grade(save(weights), level, 5)
+    fortran = {k: np.asfortranarray(v) for k, v in permuted.items()}
+    for weights in (permuted, folded, float32, fortran):
+        g = grade(save(weights), level, seed)
         assert g.passed, g
 
 
@@ -73,7 +79,8 @@ def test_each_rank_saves_its_directory_under_the_latest_iteration(level, suffixe
 
 
 def test_rank_files_hold_what_each_rank_saved():
-    inst = make_instance(7, 0)
+    inst = make_instance(7, 4)  # legacy GroupedMLP, RMSNorm, a gated shared expert
+    assert inst.args["moe_use_legacy_grouped_gemm"] and inst.args["moe_shared_expert_gate"]
     for (t, p, e), tensors in inst.files.items():
         assert ("model0.embedding.word_embeddings.weight" in tensors) == (p == 0)
         assert ("model1.output_layer.weight" in tensors) == (p == 1)
@@ -120,7 +127,7 @@ def test_optimizer_state_is_saved_where_megatron_saves_it(tmp_path):
     main = inst.main[1, 1, 1]
     assert main["model1.output_layer.weight"].dtype == np.float32
     for key, bits in inst.files[1, 1, 1].items():  # the bf16 weights round the fp32 main parameters to nearest
-        assert key.endswith("_extra_state") or np.array_equal(bits, source_model_bits(main[key]))
+        assert not is_parameter(key) or np.array_equal(bits, source_model_bits(main[key]))
     flat = inst.optimizer[1, 1, 0]["0/1/bfloat16,float32/param"]
     out = inst.main[1, 1, 0]["model1.output_layer.weight"]
     assert np.array_equal(flat[:out.size], out.ravel())  # the last registered parameter comes first
@@ -140,8 +147,8 @@ def matched_main_params(inst) -> dict:
     for (t, p, e), tensors in inst.files.items():
         states = {**inst.optimizer[t, p, 0], **inst.optimizer[t, p, e]}
         buffers = [v for k, v in states.items() if k.endswith("/param")]
-        out[t, p, e] = {}
-        for name, bits in ((k, v) for k, v in tensors.items() if not k.endswith("_extra_state")):
+        out[t, p, e] = {k: v for k, v in tensors.items() if k.endswith("expert_bias")}  # fp32 as saved
+        for name, bits in ((k, v) for k, v in tensors.items() if is_parameter(k)):
             flat = bits.ravel()
             for buf in buffers:
                 rounded = source_model_bits(buf)
@@ -183,8 +190,8 @@ def test_a_tie_in_routing_is_never_compared():
     margins = []
     source_model.forward(original, drawn[0], margins)
     assert min(margins) >= ROUTING_MARGIN
-    for files in original.files.values():  # every router row the same: every token at a tie
-        for key in [k for k in files if k.endswith("router.weight")]:
+    for files in original.files.values():  # every router row the same and no bias: every token at a tie
+        for key in [k for k in files if k.endswith(("router.weight", "router.expert_bias"))]:
             files[key] = np.repeat(files[key][:1], len(files[key]), axis=0)
     assert original_logits(original, tokens, rng) is None
 
@@ -201,7 +208,7 @@ def test_an_instance_with_no_clear_sequence_is_ungradable_not_a_crash(save, monk
     def all_ties(level: int, seed: int):  # every router row the same: every token at a tie, whatever the order
         inst = make_instance(level, seed)
         for files in inst.files.values():
-            for key in [k for k in files if k.endswith("router.weight")]:
+            for key in [k for k in files if k.endswith(("router.weight", "router.expert_bias"))]:
                 files[key] = np.repeat(files[key][:1], len(files[key]), axis=0)
         return inst
     import grader

@@ -11,7 +11,8 @@ from task import build_prompt, make_instance, write_workspace
 
 
 def test_layers_follow_megatrons_pattern_across_chunks():
-    inst = make_instance(10, 0)
+    inst = make_instance(10, 1)  # with the attention output gate and zero-centred gamma
+    assert inst.args["attention_output_gate"] and inst.args["layernorm_zero_centered_gamma"]
     # linear_attention_freq 4: layer i is full attention iff (i + 1) % 4 == 0; with pp 2 and vpp 2 global
     # layer 3 is chunk 1 of pipeline rank 1, the only file with attention weights.
     assert inst.config["layer_types"] == ["linear_attention"] * 3 + ["full_attention"]
@@ -74,6 +75,8 @@ def permute_experts(w: dict, config: dict, rng) -> dict:
         p = f"model.layers.{i}.mlp."
         if p + "gate.weight" in w:
             w[p + "gate.weight"] = w[p + "gate.weight"][order]
+            if p + "gate.e_score_correction_bias" in w:
+                w[p + "gate.e_score_correction_bias"] = w[p + "gate.e_score_correction_bias"][order]
             moved = {new: {k: w[f"{p}experts.{old}.{k}"] for k in ("gate_proj.weight", "up_proj.weight", "down_proj.weight")}
                      for new, old in enumerate(order)}
             w |= {f"{p}experts.{new}.{k}": v for new, ts in moved.items() for k, v in ts.items()}
@@ -95,7 +98,8 @@ def test_equivalent_hybrid_conversions_pass(seed, save):
 
 def test_each_hybrid_convention_changes_what_it_names():
     """Every level-10 mistake changes exactly the tensors of its convention, so each label is specific."""
-    inst = make_instance(10, 1)
+    inst = make_instance(10, 1)  # gated attention with a qkv bias, zero-centred gamma: every mistake in play
+    assert inst.args["attention_output_gate"] and inst.args["add_qkv_bias"] and inst.args["layernorm_zero_centered_gamma"]
     ref = reference(10, 1)
     from conversions import convert
     touched = {}

@@ -12,9 +12,9 @@ from test_tools import ROOT, needs_bwrap
 from tools import Sandbox, hidden_paths
 
 # Text that only the project's answer-bearing files hold: the failure labels (README.md,
-# conversions.py), the diagnosis, the wrong-conversion table, the original model's code.
+# conversions.py), the diagnosis, the wrong-conversion table, the original model's code, the draws.
 ANSWER_KEY = ["grouped_gemm_layout", "zero_centered_norm", "gated_norm_offset", "qkvz_grouping", "def explain_failure(",
-              "MISTAKES = {", "def vocab_parallel(", "def gated_delta_net(", "megatron-port-task"]
+              "MISTAKES = {", "def vocab_parallel(", "def gated_delta_net(", "def draw_conventions(", "megatron-port-task"]
 MAX_FILE_BYTES = 2**20  # every project file is far smaller; larger files are binaries and archives
 
 SCAN = r"""

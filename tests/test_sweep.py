@@ -154,8 +154,8 @@ def test_a_sweep_killed_and_resumed_ends_as_an_uninterrupted_one(tmp_path):
     assert resumed.returncode == 0 and "offline check OK" in resumed.stdout, resumed.stdout + resumed.stderr
     after = lines_of(tmp_path / "cut" / "results.jsonl")
     assert after[: len(before)] == before  # kept, not rerun
-    pairs = [(r["level"], r["seed"]) for r in after]
-    assert len(pairs) == len(set(pairs))
+    numbers = [r["run_id"] for r in after]
+    assert len(numbers) == len(set(numbers))
     outcome = lambda rows: sorted((r["level"], r["seed"], r["outcome"], r["label"]) for r in rows)
     assert outcome(after) == outcome(lines_of(tmp_path / "whole" / "results.jsonl"))
 
