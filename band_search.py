@@ -30,6 +30,12 @@ RATE, CRITERION_MET, INTERVAL = "rate", "criterion", "interval"
 Z = 1.96  # of the 95% interval, as report.wilson_interval has it
 
 
+def side(rate: float) -> int:
+    """+1 for a pass rate above the band (the level is too easy), -1 below it (too hard), 0 in it."""
+    low, high = TARGET_BAND
+    return 1 if rate > high else -1 if rate < low else 0
+
+
 @dataclass(frozen=True)
 class Tally:
     graded: int
@@ -45,9 +51,7 @@ class Tally:
 
     @property
     def side(self) -> int:
-        """+1 if the level passes above the band (too easy), -1 below it (too hard), 0 in it."""
-        low, high = TARGET_BAND
-        return 1 if self.rate > high else -1 if self.rate < low else 0
+        return side(self.rate)
 
 
 @dataclass(frozen=True)
@@ -92,18 +96,18 @@ def settled(t: Tally, evidence: str) -> bool:
                                          1: low > TARGET_BAND[1], -1: high < TARGET_BAND[0]}[t.side]
 
 
-def runs_needed(t: Tally) -> float:
-    """The graded runs at which the 95% interval around this level's rate clears the band's edges on
-    either side of it (so it lies inside the band, or wholly above or below it); inf on an edge.
+def runs_needed(rate: float) -> float:
+    """The graded runs at which a 95% interval around this pass rate clears the band's edges on either
+    side of it (so it lies inside the band, or wholly above or below it); inf on an edge.
     An interval excludes an edge e once n (rate - e)^2 >= Z^2 e (1 - e): report.wilson_interval inverted."""
     low, high = TARGET_BAND
-    edges = {1: [high], -1: [low], 0: [low, high]}[t.side]
-    return max(Z * Z * e * (1 - e) / (t.rate - e) ** 2 if t.rate != e else math.inf for e in edges)
+    edges = {1: [high], -1: [low], 0: [low, high]}[side(rate)]
+    return max(Z * Z * e * (1 - e) / (rate - e) ** 2 if rate != e else math.inf for e in edges)
 
 
 def to_settle(t: Tally, evidence: str) -> float:
     """How many more runs a level needs, if its rate holds, to be settled at this evidence."""
-    target = {RATE: 0, CRITERION_MET: CRITERION, INTERVAL: max(CRITERION, runs_needed(t))}[evidence]
+    target = {RATE: 0, CRITERION_MET: CRITERION, INTERVAL: max(CRITERION, runs_needed(t.rate))}[evidence]
     return max(0, target - t.graded)
 
 
@@ -168,8 +172,8 @@ def limit_reading(counts: dict[int, Tally], wanted: str) -> Verdict:
 
 def where_next(counts: dict[int, Tally], wanted: str) -> int:
     """The level to run next. No graded run yet: the task's default level. Else the level passing in
-    the band that is nearest to settled (with INTERVAL, once it has CRITERION runs, its unvisited
-    neighbour on the side of the band's middle first); else the less settled level of an adjacent
+    the band that is nearest to settled (with INTERVAL, once it has CRITERION runs, its neighbour on
+    the side of the band's middle gets as many first); else the less settled level of an adjacent
     pair straddling the band; else the middle of a gap between a level above the band and the next
     one visited, below it; else onwards from the hardest level visited if it is above the band, or
     from the easiest if it is below: two rungs from a level that passed (failed) every run, else one."""
@@ -180,8 +184,8 @@ def where_next(counts: dict[int, Tally], wanted: str) -> int:
         best = min(inside, key=lambda lv: to_settle(counts[lv], wanted))
         toward_middle = best + (1 if counts[best].rate > sum(TARGET_BAND) / 2 else -1)
         if wanted == INTERVAL and counts[best].graded >= CRITERION and toward_middle in task.LEVELS \
-                and toward_middle not in counts:
-            return toward_middle  # it may pass nearer the middle, where the interval narrows into the band sooner
+                and (toward_middle not in counts or counts[toward_middle].graded < CRITERION):
+            return toward_middle  # it may pass nearer the middle, where an interval fits inside the band sooner
         return best
     visited = sorted(counts)
     for a, b in itertools.pairwise(visited):
