@@ -21,7 +21,7 @@ Run = Any  # anything with level, seed and outcome, such as a main.Run
 PROBE = 5  # the runs a level gets when first visited: 0/5 or 5/5 already places it well off the band
 CRITERION = 10  # the task's criterion: at least this many graded runs, passing in the band
 BATCH = 10  # the most runs at one level before the search looks again
-MAX_RUNS = 300  # about --levels 1-11 --runs 27: the smallest fixed sweep that could confirm a level (at 21%)
+MAX_RUNS = 300  # about --levels 1-11 --runs 28, the smallest fixed sweep that can confirm a level (6 passes of 28)
 FIRST, LAST = min(task.LEVELS), max(task.LEVELS)
 # How much a level's runs must say before the search stops on it: `criterion` is the task's own
 # (CRITERION graded runs); `interval` (--confirm) also asks that its 95% interval lie on the side
@@ -117,7 +117,8 @@ def verdict(counts: dict[int, Tally], evidence: str) -> Verdict | None:
     done = {lv: t for lv, t in counts.items() if settled(t, evidence)}
     inside = sorted((lv for lv, t in done.items() if t.side == 0), key=lambda lv: -done[lv].graded)
     if inside:
-        return Verdict("in_band", (inside[0],), evidence, f"level {describe(inside[0], done)}, in the band")
+        whole = " with its whole interval" if evidence == INTERVAL else ""
+        return Verdict("in_band", (inside[0],), evidence, f"level {describe(inside[0], done)}, in the band{whole}")
     for a, b in itertools.pairwise(range(FIRST, LAST + 1)):
         if a in done and b in done and done[a].side == 1 and done[b].side == -1:
             return Verdict("between", (a, b), evidence, f"no level passes in the band; it falls between level "
@@ -150,10 +151,9 @@ def next_step(runs: Sequence[Run], confirm: bool = False, max_runs: int = MAX_RU
         return found
     if len(runs) >= max_runs:
         return limit_reading(counts, wanted)
-    ungraded = len(runs) - sum(t.graded for t in counts.values())
-    if ungraded >= PROBE and ungraded > len(runs) / 2:  # a search has no plan to end it, so errors must
-        return Verdict("open", (), RATE, f"stopped: {ungraded} of {len(runs)} runs ended without a grade "
-                       "(errors or stopped runs), too many to go on")
+    errors = sum(r.outcome == "error" for r in runs)
+    if errors >= PROBE and errors > len(runs) / 2:  # no plan ends a search, so these must
+        return Verdict("open", (), RATE, f"stopped: {errors} of {len(runs)} runs ended in an error, too many to go on")
     level = where_next(counts, wanted)
     size = PROBE if level not in counts else max(1, math.ceil(min(to_settle(counts[level], wanted), BATCH)))
     used = {r.seed for r in runs if r.level == level}

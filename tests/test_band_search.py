@@ -147,9 +147,10 @@ def test_seeds_stay_fresh_when_runs_were_stopped_or_recorded_again():
     assert bs.next_step(runs) == Batch(7, (2, 5, 6, 7, 8, 9, 10))
 
 
-def test_runs_that_keep_ending_without_a_grade_stop_the_search():
+def test_runs_that_keep_ending_in_errors_stop_the_search_but_runs_the_cap_stopped_do_not():
     v = bs.next_step([Run(7, s, "error") for s in range(5)])
-    assert isinstance(v, Verdict) and v.kind == "open" and "5 of 5 runs ended without a grade" in v.text
+    assert isinstance(v, Verdict) and v.kind == "open" and "5 of 5 runs ended in an error" in v.text
+    assert bs.next_step([Run(7, s, "stopped") for s in range(5)]) == Batch(7, (5, 6, 7, 8, 9))  # --resume goes on
 
 
 def test_the_run_limit_stops_the_search_with_the_best_reading_so_far():
