@@ -52,13 +52,15 @@ def right(v: Verdict, curve: tuple) -> bool:
     return v.kind == kind and (v.levels[0] in levels if kind == "in_band" else v.levels == levels)
 
 
-def search(curve: tuple, confirm: bool, rng: random.Random) -> tuple[Verdict, list[Run]]:
+def search(curve: tuple, confirm: bool, rng: random.Random) -> tuple[Verdict, list[Run], int]:
+    """One search to its verdict: the verdict, the runs, and the batches (each one waits for the last)."""
     runs: list[Run] = []
+    batches = 0
     while isinstance(step := bs.next_step(runs, confirm), Batch):
-        pairs = step.pairs
+        pairs, batches = step.pairs, batches + 1
         assert len(set(pairs)) == len(pairs) and not set(pairs) & {(r.level, r.seed) for r in runs}  # fresh
         runs += [Run(lv, seed, "pass" if rng.random() < curve[lv - 1] else "fail") for lv, seed in pairs]
-    return step, runs
+    return step, runs, batches
 
 
 def fixed_runs_per_level(curve: tuple, confirm: bool) -> int:
@@ -90,14 +92,15 @@ def measure(name: str, confirm: bool) -> dict:
     curve, wanted = CURVES[name], INTERVAL if confirm else CRITERION_MET
     rng = random.Random(f"{name} {confirm}")
     results = [search(curve, confirm, rng) for _ in range(SEARCHES)]
-    runs = sorted(len(r) for _, r in results)
+    runs = sorted(len(r) for _, r, _ in results)
     n, draws = fixed_runs_per_level(curve, confirm), np.random.default_rng(len(name) + confirm)
     fixed = [bs.verdict({lv: Tally(n, int(draws.binomial(n, p))) for lv, p in enumerate(curve, 1)}, wanted)
              for _ in range(SEARCHES)]
-    return {"verdicts": [v for v, _ in results],
-            "right": sum(v.evidence == wanted and right(v, curve) for v, _ in results) / SEARCHES,
-            "wrong": sum(v.evidence == wanted and not right(v, curve) for v, _ in results) / SEARCHES,
+    return {"verdicts": [v for v, _, _ in results],
+            "right": sum(v.evidence == wanted and right(v, curve) for v, _, _ in results) / SEARCHES,
+            "wrong": sum(v.evidence == wanted and not right(v, curve) for v, _, _ in results) / SEARCHES,
             "median": statistics.median(runs), "p90": runs[int(0.9 * SEARCHES)],
+            "batches": statistics.median(b for _, _, b in results),
             "fixed_n": n, "fixed": n * len(curve),
             "fixed_right": sum(v is not None and right(v, curve) for v in fixed) / SEARCHES}
 
@@ -179,14 +182,15 @@ def test_the_summary_has_a_step_per_stretch_at_one_level():
 
 
 def table() -> str:
-    head = "| curve: pass rate of levels 1-11 | mode | right | wrong | median runs | 90th pct | fixed sweep | fixed right |"
+    head = ("| curve: pass rate of levels 1-11 | mode | right | wrong | median runs | 90th pct | median batches | "
+            "fixed sweep | fixed right |")
     rows = [head, "|---" * (head.count("|") - 1) + "|"]
     for name, curve in CURVES.items():
         for confirm in (False, True):
             m = measure(name, confirm)
             rates = " ".join(f"{p:g}" for p in curve)
             rows.append(f"| {name} ({rates}) | {'--confirm' if confirm else 'criterion'} | {m['right']:.0%} | {m['wrong']:.0%} | "
-                        f"{m['median']:g} | {m['p90']} | {m['fixed']} (--runs {m['fixed_n']}) | {m['fixed_right']:.0%} |")
+                        f"{m['median']:g} | {m['p90']} | {m['batches']:g} | {m['fixed']} (--runs {m['fixed_n']}) | {m['fixed_right']:.0%} |")
     return "\n".join(rows)
 
 
