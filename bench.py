@@ -101,7 +101,7 @@ def bench_grading(tmp: Path) -> None:
     print("== grading ==")
     for level in (1, 5, 7, 8, 10):
         inst = make_instance(level, 0)
-        for mistake in (None, "rope_permutation" if level > 1 else "qkv_split"):
+        for mistake in (None, "rope_layout" if level > 1 else "qkv_split"):
             path = tmp / f"sub-{level}-{mistake}.npz"
             np.savez(path, **convert(inst.files, inst.args, inst.config, mistake, inst.optimizer))
             seconds = median_seconds(lambda p=path, lv=level: grade(p, lv, 0), 5)
