@@ -80,16 +80,24 @@ class Sweep:
         self.in_flight: dict[int, Run] = {}
         self.changed = asyncio.Condition()  # a run ended: the cap may now allow another
         self.skipped = 0
-        self.fatal: str | None = None  # the cause of a fatal API error, once one has ended a run
+        self.fatal: str | None = None  # why the API cannot serve the sweep, once a run has met that
         self.started, self.started_at = time.monotonic(), now()
 
     def cost(self, run: Run) -> float:
         return 0.0 if self.opts.offline else report.estimated_cost(self.opts.model, run.usage) or 0.0
 
-    def expected_run_cost(self) -> float:
-        """The mean cost of the runs finished so far, or, before any, a run of PRIOR_RUN_USAGE."""
+    def run_cost(self) -> tuple[float | None, bool]:
+        """What a run costs, and whether that was measured: the mean of the finished runs that sent a request, or,
+        before any, a run of PRIOR_RUN_USAGE; None offline and for a model without a price."""
+        if self.opts.offline or report.price(self.opts.model) is None:
+            return None, False
         costs = [self.cost(r) for r in self.done if r.steps]
-        return sum(costs) / len(costs) if costs else report.estimated_cost(self.opts.model, PRIOR_RUN_USAGE) or 0.0
+        if costs:
+            return sum(costs) / len(costs), True
+        return report.estimated_cost(self.opts.model, PRIOR_RUN_USAGE), False
+
+    def expected_run_cost(self) -> float:
+        return self.run_cost()[0] or 0.0
 
     def spent(self) -> float:
         return self.spent_before + sum(self.cost(r) for r in [*self.done, *self.in_flight.values()])
@@ -100,13 +108,13 @@ class Sweep:
     def may_send(self) -> bool:
         """The cap bounds spend: no request is sent once the spend so far has reached it. So a sweep
         passes the cap by at most the requests in flight when it is reached, one per running run.
-        A fatal API error (a bad key, an unknown model) stops every request at once."""
+        A fatal API error (a bad key, an unknown model, no answer at all) stops every request at once."""
         return self.fatal is None and (not self.capped() or self.spent() < self.opts.max_cost)
 
     def stop(self) -> tuple[str, str] | None:
         """Why a run must send no further request, as (label, detail), or None."""
         if self.fatal is not None:
-            return "api_fatal", f"the API refused the sweep: {self.fatal}"
+            return "api_fatal", self.fatal
         if not self.may_send():
             return "spending_cap", f"the sweep's spend reached --max-cost ${self.opts.max_cost:.2f}"
         return None
