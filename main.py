@@ -290,8 +290,10 @@ async def run_one(run: Run, client, opts: argparse.Namespace, isolate: bool,
     finally:
         if sandbox is not None:
             await sandbox.close()
-        if not opts.keep_workspaces:  # the submitted file (a copy beside it) and the transcript stay
+        if not opts.keep_workspaces:  # the transcript stays, and so does a model's submitted file (a copy beside it)
             await asyncio.to_thread(shutil.rmtree, run_dir / "workspace", ignore_errors=True)
+            if opts.offline:  # a scripted submission is the project's own, rebuilt from (level, seed) at will
+                (run_dir / "submission.npz").unlink(missing_ok=True)
         run.seconds, run.ended_at = time.monotonic() - started, now()
         try:
             run_dir.mkdir(parents=True, exist_ok=True)

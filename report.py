@@ -53,9 +53,11 @@ def level_row(level: int | None, runs: list, model: str, offline: bool) -> dict:
     low, high = wilson_interval(passes, len(graded))
     failures = dict(Counter(r.label for r in graded if r.outcome == "fail").most_common())
     usage = sum((Counter(r.usage) for r in runs), Counter())
+    # Scripted replies measure no model: offline, there is no rate, interval or band verdict to give.
     return {"level": level, "runs": len(runs), "graded": len(graded), "passes": passes,
-            "rate": passes / len(graded) if graded else None, "wilson_95": [low, high],
-            "overlaps_band": bool(graded) and low <= TARGET_BAND[1] and high >= TARGET_BAND[0],
+            "rate": passes / len(graded) if graded and not offline else None,
+            "wilson_95": None if offline else [low, high],
+            "overlaps_band": None if offline else bool(graded) and low <= TARGET_BAND[1] and high >= TARGET_BAND[0],
             "top_failures": list(failures)[:2], "failures": failures,
             "tokens": sum(usage[k] for k in USAGE_KEYS),
             "cost_usd": None if offline else estimated_cost(model, {k: usage[k] for k in USAGE_KEYS})}
@@ -112,8 +114,10 @@ def print_table(s: dict) -> None:
     for r in s["levels"]:
         rate = "-" if r["rate"] is None else f"{r['rate']:.0%}"
         cost = "-" if r["cost_usd"] is None else f"${r['cost_usd']:.2f}"
-        interval = f"{r['wilson_95'][0]:.0%}-{r['wilson_95'][1]:.0%}"
-        verdict = f"{rate:>5}  {interval:<10} {'yes' if r['overlaps_band'] else 'no':<4} " if rated else ""
+        verdict = ""
+        if rated:
+            interval = f"{r['wilson_95'][0]:.0%}-{r['wilson_95'][1]:.0%}"
+            verdict = f"{rate:>5}  {interval:<10} {'yes' if r['overlaps_band'] else 'no':<4} "
         print(f"{r['level']:>5} {r['graded']:>6} {r['passes']:>6} {verdict}{', '.join(r['top_failures']):<32} "
               f"{r['tokens']:>9} {cost:>7}")
     print(s["recommendation"])

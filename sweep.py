@@ -64,6 +64,11 @@ def task_version() -> str:
     return digest.hexdigest()[:16]
 
 
+def measured_model(opts: argparse.Namespace) -> str:
+    """The model a record names: offline, the replies are scripted and no model is measured."""
+    return "scripted" if opts.offline else opts.model
+
+
 def sweep_config(opts: argparse.Namespace) -> dict:
     """config.json: what the sweep ran, under which task code; --resume restores it."""
     return {"schema": SCHEMA_VERSION, "task_version": task_version(), **{k: getattr(opts, k) for k in SWEEP_FLAGS}}
@@ -152,7 +157,7 @@ class Sweep:
     def record(self, run: Run) -> None:
         """Write down a finished run: results.jsonl, the progress line, report.html."""
         graded = run.outcome in ("pass", "fail")
-        record = {"schema": SCHEMA_VERSION, "task_version": task_version(), "model": self.opts.model,
+        record = {"schema": SCHEMA_VERSION, "task_version": task_version(), "model": measured_model(self.opts),
                   "max_tokens": self.opts.max_tokens, "thinking": self.opts.thinking, "max_steps": self.opts.max_steps,
                   "reward": float(run.outcome == "pass") if graded else None,
                   **{k: v for k, v in asdict(run).items() if k != "messages"}}
@@ -172,18 +177,19 @@ class Sweep:
         usage = sum((Counter(r.usage) for r in runs), Counter())
         rate, cost = overall["rate"], overall["cost_usd"]
         return {
-            "schema": SCHEMA_VERSION, "task_version": task_version(), "model": opts.model, "levels_swept": opts.levels,
-            "runs_per_level": opts.runs, "out": str(opts.out),
+            "schema": SCHEMA_VERSION, "task_version": task_version(), "model": measured_model(opts),
+            "levels_swept": opts.levels, "runs_per_level": None if opts.offline else opts.runs, "out": str(opts.out),
             "seed": opts.seed, "offline": opts.offline, "thinking_budget": opts.thinking, "max_tokens": opts.max_tokens,
             "max_steps": opts.max_steps, "started_at": self.started_at, "ended_at": now(),
             "runs_planned": self.planned, "runs_finished": len(runs), "skipped": self.skipped,
-            "skipped_reason": "" if not self.skipped else f"the API refused the sweep: {self.fatal}" if self.fatal else
+            "skipped_reason": "" if not self.skipped else self.fatal if self.fatal else
             f"the spend reached the cap of ${opts.max_cost:.2f} (--max-cost)",
             "stopped": sum(r.outcome == "stopped" for r in runs), "spent_usd": round(self.spent(), 4),
             "max_cost_usd": opts.max_cost if self.capped() else None,
             "graded": overall["graded"], "passes": overall["passes"], "pass_rate": rate, "wilson_95": overall["wilson_95"],
             "target_band": list(report.TARGET_BAND),
-            "in_target_band": rate is not None and report.TARGET_BAND[0] <= rate <= report.TARGET_BAND[1],
+            "in_target_band": None if opts.offline else rate is not None and
+            report.TARGET_BAND[0] <= rate <= report.TARGET_BAND[1],
             "levels": rows, "recommendation": "offline: the replies are scripted, so no level is recommended"
             if opts.offline else report.recommend(rows, opts.runs, sorted(task.LEVELS), report.next_flags(opts)),
             "failures": overall["failures"],
@@ -310,8 +316,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="against the API, run model code as plain processes when bubblewrap cannot isolate it "
                         "(refused by default; --offline always may)")
     p.add_argument("--keep-workspaces", action="store_true",
-                   help="keep each run's workspace (by default removed when the run ends; the submitted file and "
-                        "the transcript stay)")
+                   help="keep each run's workspace and, offline, its scripted submission (by default removed when "
+                        "the run ends; the transcript and a model's submitted file stay)")
     p.add_argument("--verbose", action="store_true", help="print every tool call as it happens")
     flags = (*SWEEP_FLAGS, "level", "out")
     opts = p.parse_args(argv, argparse.Namespace(**dict.fromkeys(flags, UNSET)))  # argparse keeps what is set

@@ -49,6 +49,7 @@ def results_of(request: dict) -> list[dict]:
 def test_reference_conversion_passes_and_transcript_is_written(tmp_path):
     run, _ = run_script(tmp_path, conversion_script(None))
     assert (run.outcome, run.label, run.steps) == ("pass", "pass", 2)
+    assert (tmp_path / "run-000" / "submission.npz").is_file()  # a model's file is kept as it was graded
     transcript = json.loads((tmp_path / "run-000" / "transcript.json").read_text())
     assert transcript["outcome"] == "pass" and len(transcript["messages"]) == 4
     assert transcript["messages"][2]["content"][0]["content"] == "wrote converted.npz\n"
@@ -454,12 +455,14 @@ def test_records_carry_what_anyone_needs_and_workspaces_go(tmp_path):
     summary = json.loads((tmp_path / "s" / "summary.json").read_text())
     for record in (*lines, summary):
         assert record["schema"] == SCHEMA_VERSION and record["task_version"] == task_version()
-        assert record["model"] == sweeps.DEFAULT_MODEL and record["max_tokens"] == sweeps.DEFAULT_MAX_TOKENS
+        assert record["model"] == "scripted" and record["max_tokens"] == sweeps.DEFAULT_MAX_TOKENS  # offline
         assert record["started_at"] <= record["ended_at"]
     assert {line["reward"] for line in lines} == {0.0, 1.0}
-    assert not list((tmp_path / "s").glob("run-*/workspace")) and list((tmp_path / "s").glob("run-*/submission.npz"))
+    # Offline, the submissions are the project's own scripted ones: none is kept
+    assert not list((tmp_path / "s").glob("run-*/workspace")) and not list((tmp_path / "s").glob("run-*/*.npz"))
+    assert len(list((tmp_path / "s").glob("run-*/transcript.*"))) == 2 * 4
     assert main.main(["--offline", "--level", "1", "--out", str(tmp_path / "k"), "--keep-workspaces"]) == 0
-    assert len(list((tmp_path / "k").glob("run-*/workspace"))) == 4
+    assert len(list((tmp_path / "k").glob("run-*/workspace"))) == len(list((tmp_path / "k").glob("run-*/*.npz"))) == 4
 
 
 def test_resume_refuses_a_sweep_made_with_other_task_code(tmp_path, capsys):

@@ -306,7 +306,12 @@ def test_an_output_path_that_cannot_be_made_is_a_clean_error(tmp_path, capsys):
     assert "--out" in capsys.readouterr().err
 
 
-def test_an_offline_summary_shows_no_pass_rate_or_band_verdict(tmp_path, capsys):
+def test_an_offline_summary_shows_no_pass_rate_band_verdict_or_model(tmp_path, capsys):
     assert main.main(["--offline", "--level", "1", "--out", str(tmp_path / "s")]) == 0
     out = capsys.readouterr().out.split("== summary ==")[1]
     assert "rate" not in out.split("\n")[1] and "band" not in out and "no level is recommended" in out
+    summary = json.loads((tmp_path / "s" / "summary.json").read_text())
+    assert summary["model"] == "scripted" and summary["runs_per_level"] is None
+    assert summary["pass_rate"] is summary["wilson_95"] is summary["in_target_band"] is None
+    assert all(row["rate"] is row["wilson_95"] is row["overlaps_band"] is None for row in summary["levels"])
+    assert sweeps.DEFAULT_MODEL not in json.dumps(summary) and summary["graded"] == 4 and summary["passes"] == 1
