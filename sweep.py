@@ -191,7 +191,8 @@ class Sweep:
             "in_target_band": None if opts.offline else rate is not None and
             report.TARGET_BAND[0] <= rate <= report.TARGET_BAND[1],
             "levels": rows, "recommendation": "offline: the replies are scripted, so no level is recommended"
-            if opts.offline else report.recommend(rows, opts.runs, sorted(task.LEVELS), report.next_flags(opts)),
+            if opts.offline else report.recommend(rows, opts.runs, sorted(task.LEVELS), report.next_flags(opts),
+                                                  *self.run_cost()),
             "failures": overall["failures"],
             "errors": dict(Counter(r.label for r in runs if r.outcome == "error").most_common()),
             "tokens": {"input": usage["input_tokens"], "output": usage["output_tokens"],
