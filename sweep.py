@@ -271,9 +271,12 @@ def parse_levels(text: str) -> list[int]:
             first, last = (int(x) for x in text.split("-", 1))
             levels = list(range(first, last + 1))
         else:
-            levels = [int(x) for x in text.split(",")]
+            first, last, levels = 0, 0, [int(x) for x in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"levels are A-B or A,B,...; got {text!r}")
+    if first > last:
+        raise argparse.ArgumentTypeError(f"A-B goes from the lower level to the higher; got {text!r} "
+                                         f"(did you mean {last}-{first}?)")
     return check_levels(levels, text)
 
 
@@ -307,7 +310,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-cost", type=non_negative_usd, default=DEFAULT_MAX_COST,
                    help=f"USD for the whole sweep: no request is sent once the spend reaches it, so it is passed by at "
                         f"most the requests in flight; 0 for no cap (default {DEFAULT_MAX_COST:g})")
-    p.add_argument("--out", type=Path, help="output directory (default runs/<timestamp>/)")
+    p.add_argument("--out", type=Path, help="output directory (default runs/<timestamp>-<4 hex digits>/)")
     p.add_argument("--resume", type=Path, metavar="DIR",
                    help=f"finish the sweep in DIR with its saved flags, keeping the passes and fails in its {RESULTS} "
                         "(other runs start over); only --max-cost may be given anew")

@@ -294,6 +294,7 @@ def test_resume_with_keys_missing_from_config_uses_the_defaults(finished, capsys
 @pytest.mark.parametrize("flags, message", [(["--seed", "-1"], "non-negative"), (["--level", "12"], "invalid choice"),
                                             (["--runs", "0"], "--runs must be a positive integer"), (["--concurrency", "-2"], "positive"),
                                             (["--levels", "0-3"], "levels must lie in 1-11"),
+                                            (["--levels", "3-1"], "did you mean 1-3?"),
                                             (["--max-cost", "-1"], "--max-cost"), (["--max-cost", "nan"], "--max-cost"),
                                             (["--max-tokens", "64001"], "--max-tokens must be at most 64000")])
 def test_bad_flags_are_refused_with_a_clear_message(flags, message, capsys):
