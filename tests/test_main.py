@@ -111,7 +111,8 @@ def test_thinking_blocks_go_back_unchanged_and_the_budget_is_recorded(tmp_path):
     assert "<summary>thinking</summary>" in (tmp_path / "run-000" / "transcript.html").read_text()
     assert main.main(["--offline", "--level", "1", "--thinking", "2048", "--out", str(tmp_path / "sweep")]) == 0
     assert json.loads((tmp_path / "sweep" / "config.json").read_text())["thinking"] == 2048
-    assert "--thinking 2048" in (tmp_path / "sweep" / "report.html").read_text()
+    page = (tmp_path / "sweep" / "report.html").read_text()
+    assert "--thinking 2048" in page and "<title>Scripted offline sweep (no model), level 1</title>" in page
 
 
 def test_an_altered_thinking_block_is_refused_like_the_api_does():
