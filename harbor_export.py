@@ -2,6 +2,7 @@
 
     python harbor_export.py DIR --level 7 --seeds 0-9
 
+DIR must be new or empty (--replace clears it first: Harbor runs every task it finds there).
 One directory per (level, seed), from the same generator, prompt and grader as main.py:
 - environment/: the agent's image, holding only the instance's workspace and numpy.
 - tests/: a separate verifier image with the grader and the code that rebuilds the original
@@ -85,8 +86,6 @@ RUN pip install --no-cache-dir numpy=={np.__version__}
 
 def export_one(out: Path, level: int, seed: int) -> Path:
     directory = out / f"level-{level}-seed-{seed}"
-    if directory.exists():
-        shutil.rmtree(directory)
     workspace = directory / "environment" / "workspace"
     task.write_workspace(workspace, task.make_instance(level, seed))
     (directory / "task.toml").write_text(task_toml(level, seed))
@@ -154,8 +153,15 @@ def main() -> None:
     parser.add_argument("--level", type=int, default=task.DEFAULT_LEVEL, choices=sorted(task.LEVELS))
     parser.add_argument("--seeds", type=seed_range, default=range(10), help="A-B or A (default 0-9)")
     parser.add_argument("--verify", type=Path, metavar="SUBMISSION", help="the artifact to grade (one seed)")
+    parser.add_argument("--replace", action="store_true", help="clear DIR first if it already holds files")
     a = parser.parse_args()
     if a.verify is None:
+        if a.dir.exists() and not a.dir.is_dir():
+            parser.error(f"{a.dir} is not a directory")
+        if a.dir.exists() and any(a.dir.iterdir()):  # old tasks left beside the new ones would be run with them
+            if not a.replace:
+                parser.error(f"{a.dir} already holds files; give a new directory, or pass --replace to clear it first")
+            shutil.rmtree(a.dir)
         for path in export(a.dir, a.level, a.seeds):
             print(path)
     elif len(a.seeds) != 1:

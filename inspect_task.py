@@ -1,7 +1,11 @@
 """The task under Inspect AI: any model provider, Inspect's log viewer, the same instances and grader.
+Inspect runs this file; it is not a program of its own:
 
     pip install '.[inspect]'
-    inspect eval inspect_task.py -T level=7 -T seeds=0-9 --model openai/gpt-4o-mini --epochs 10
+    inspect eval inspect_task.py -T level=7 -T seeds=0-9 --model openai/gpt-4o-mini --epochs 10 --token-limit 2m
+
+runs 100 samples (10 seeds, 10 epochs each), each stopped at 2 million tokens (`--cost-limit` bounds each
+sample's dollars instead, where Inspect knows the model's price); `--limit N` runs the first N samples.
 
 One sample per (level, seed), built by task.py's make_instance and write_workspace and prompted
 with task.py's build_prompt, the words main.py sends. The `python` and `submit` tools carry
@@ -11,15 +15,22 @@ imports this file or inspect_ai.
 """
 import asyncio
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
-from inspect_ai import Task, task
-from inspect_ai.dataset import MemoryDataset, Sample
-from inspect_ai.model import GenerateConfig
-from inspect_ai.scorer import Score, Target, accuracy, scorer, stderr
-from inspect_ai.solver import Generate, TaskState, solver
-from inspect_ai.tool import ToolDef, ToolError
+try:
+    from inspect_ai import Task, task
+    from inspect_ai.dataset import MemoryDataset, Sample
+    from inspect_ai.model import GenerateConfig
+    from inspect_ai.scorer import Score, Target, accuracy, scorer, stderr
+    from inspect_ai.solver import Generate, TaskState, solver
+    from inspect_ai.tool import ToolDef, ToolError
+    from inspect_ai.util import LimitExceededError
+except ModuleNotFoundError:
+    if __name__ != "__main__":
+        raise
+    sys.exit(f"{__doc__}\nInspect AI is not installed here: pip install '.[inspect]' first.")
 
 import task as contract
 from grader import grade
@@ -93,6 +104,9 @@ def port_agent(max_steps: int):
                 if not state.output.message.tool_calls:
                     state.metadata["label"] = "no_submission"
                     break
+        except LimitExceededError as e:  # Inspect's --token-limit, --cost-limit, ...: the sample ends, scored 0
+            state.metadata["label"] = f"{e.type}_limit"
+            raise
         finally:
             await sandbox.close()  # the submitted copy stays beside the workspace until the scorer is done
             await asyncio.to_thread(shutil.rmtree, root if not state.metadata.get("submission") else root / "workspace",
@@ -122,3 +136,7 @@ def graded():
                      metadata={"label": g.label, "max_error": g.max_error})
 
     return score
+
+
+if __name__ == "__main__":  # `python inspect_task.py --help`: how to run it
+    print(__doc__)

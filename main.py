@@ -7,7 +7,9 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import shutil
+import signal
 import sys
 import time
 import traceback
@@ -39,10 +41,15 @@ from tools import (
 )
 
 # Transient API errors (429, 5xx, overloaded, connection failures) are retried by this loop, not the
-# SDK's: each wait honours retry-after, else doubles from 1 s up to MAX_BACKOFF_S, and a step gives up
-# (the run becomes an api_error) once its waits would pass RETRY_BUDGET_S.
+# SDK's: each wait honours retry-after, else doubles from 1 s up to MAX_BACKOFF_S, is lengthened by up to
+# JITTER of itself (so that runs that met the same error do not retry in lockstep), and a step gives up (the
+# run becomes an api_error) once its waits would pass RETRY_BUDGET_S. Until any request of the sweep has had an
+# answer, a connection failure gets CONNECT_BUDGET_S instead: a wrong address, a proxy or no network then ends
+# the sweep in about a minute (6 tries, each of at most the SDK's 5 s connect timeout), not in 10 minutes per step.
 RETRY_BUDGET_S = 600.0
+CONNECT_BUDGET_S = 45.0
 MAX_BACKOFF_S = 60.0
+JITTER = 0.25
 TRANSIENT = (anthropic.RateLimitError, anthropic.InternalServerError, anthropic.APIConnectionError,
              anthropic.ConflictError, anthropic.RequestTimeoutError)
 # An error event in the middle of a stream comes as a plain APIStatusError (HTTP 200): its type says what it is.
@@ -99,6 +106,16 @@ class SweepStopped(Exception):
     """No further request may be sent: SweepStopped(label, detail), the spending cap or a fatal API error."""
 
 
+class Unreachable(Exception):
+    """No request of the sweep has had an answer, and connecting has failed for CONNECT_BUDGET_S: fatal."""
+
+
+@dataclass
+class ApiContact:
+    """Shared by a sweep's runs: whether any of its requests has had an answer from the API."""
+    answered: bool = False
+
+
 def conversation_too_long(e: anthropic.APIStatusError) -> bool:
     """A 400 or 413 that the conversation's size caused: the model's doing, not the harness's."""
     return e.status_code == 413 or e.status_code == 400 and "prompt is too long" in str(e)
@@ -108,30 +125,49 @@ async def wait_before_retry(seconds: float) -> None:
     await asyncio.sleep(seconds)
 
 
-async def create_message(client, request: dict):
-    """One reply, streamed (so any max_tokens the API accepts works), transient errors retried."""
+def retry_wait(e: anthropic.APIError, backoff: float) -> float:
+    """The API's retry-after if it gave one, else the backoff; lengthened by a random share of up to JITTER."""
+    response = getattr(e, "response", None)
+    after = response.headers.get("retry-after") if response is not None else None
+    try:
+        wait = min(MAX_BACKOFF_S, max(0.0, float(after)))
+    except (TypeError, ValueError):
+        wait = backoff
+    return wait * (1 + random.uniform(0, JITTER))
+
+
+async def create_message(client, request: dict, where: str, contact: ApiContact,
+                         stop: Callable[[], tuple[str, str] | None]):
+    """One reply, streamed (so any max_tokens the API accepts works), transient errors retried, each wait told on
+    stderr (`where` names the run and step). Raises Unreachable once connecting has failed for CONNECT_BUDGET_S
+    while no request of the sweep has had an answer, and SweepStopped if `stop` says so after a wait."""
     waited, backoff = 0.0, 1.0
     while True:
         try:
             async with client.messages.stream(**request) as stream:
+                contact.answered = True  # the response has begun: the API is there
                 return await stream.get_final_message()
         except anthropic.APIError as e:
+            contact.answered |= isinstance(e, anthropic.APIStatusError)
             if not transient(e):
                 raise
-            response = getattr(e, "response", None)
-            after = response.headers.get("retry-after") if response is not None else None
-            try:
-                wait = min(MAX_BACKOFF_S, max(0.0, float(after)))
-            except (TypeError, ValueError):
-                wait = backoff
-            if waited + wait > RETRY_BUDGET_S:
+            wait, budget = retry_wait(e, backoff), RETRY_BUDGET_S if contact.answered else CONNECT_BUDGET_S
+            if waited + wait > budget and not contact.answered:
+                raise Unreachable(f"no answer from the API at {client.base_url} after {waited:.0f} s of retries "
+                                  f"({type(e).__name__}: {e}); check the network, any proxy (HTTPS_PROXY) and "
+                                  "ANTHROPIC_BASE_URL") from e
+            if waited + wait > budget:
                 raise
+            print(f"{where}: {type(e).__name__}: {e}; retrying in {wait:.1f} s, {waited + wait:.1f} s waited in all "
+                  f"(gives up past {budget:.0f} s)", file=sys.stderr, flush=True)
             await wait_before_retry(wait)
             waited, backoff = waited + wait, min(MAX_BACKOFF_S, backoff * 2)
+            if why := stop():
+                raise SweepStopped(*why)
 
 
 async def run_agent(run: Run, client, sandbox: Sandbox, opts: argparse.Namespace,
-                    stop: Callable[[], tuple[str, str] | None] = lambda: None) -> Path | None:
+                    stop: Callable[[], tuple[str, str] | None], contact: ApiContact) -> Path | None:
     """The agent loop. Returns the submitted file (a copy outside the workspace) or None.
     Before each request it asks `stop` (the spending cap, a fatal API error) and stops the run if told."""
     run.messages.append({"role": "user", "content": task.build_prompt(run.level, opts.max_steps)})
@@ -141,8 +177,9 @@ async def run_agent(run: Run, client, sandbox: Sandbox, opts: argparse.Namespace
         started = time.monotonic()
         # Extended thinking, when asked for: its blocks go back unchanged in the conversation (as_param).
         thinking = {"thinking": {"type": "enabled", "budget_tokens": opts.thinking}} if opts.thinking else {}
-        response = await create_message(client, {"model": opts.model, "max_tokens": opts.max_tokens, "tools": task.TOOLS,
-                                                  "messages": with_cache_breakpoint(run.messages), **thinking})
+        request = {"model": opts.model, "max_tokens": opts.max_tokens, "tools": task.TOOLS,
+                   "messages": with_cache_breakpoint(run.messages), **thinking}
+        response = await create_message(client, request, f"run {run.run_id:03d} step {step}", contact, stop)
         run.steps = step
         usage = {k: getattr(response.usage, k) or 0 for k in USAGE_KEYS}
         run.usage = {k: run.usage[k] + usage[k] for k in USAGE_KEYS}
@@ -214,8 +251,9 @@ async def call_tool(name: str, tool_input, sandbox: Sandbox) -> tuple[str, bool]
 
 
 async def run_one(run: Run, client, opts: argparse.Namespace, isolate: bool,
-                  stop: Callable[[], tuple[str, str] | None] = lambda: None) -> Run:
-    """One run from workspace to grade. Any failure is recorded on the run, never raised."""
+                  stop: Callable[[], tuple[str, str] | None] = lambda: None, contact: ApiContact | None = None) -> Run:
+    """One run from workspace to grade. Any failure is recorded on the run, never raised. `contact` is shared by
+    the sweep's runs (a run of its own gets its own)."""
     started, run.started_at = time.monotonic(), now()
     run_dir = opts.out / f"run-{run.run_id:03d}"
     sandbox = None
@@ -225,7 +263,7 @@ async def run_one(run: Run, client, opts: argparse.Namespace, isolate: bool,
         instance = await asyncio.to_thread(task.make_instance, run.level, run.seed)
         await asyncio.to_thread(task.write_workspace, run_dir / "workspace", instance)
         sandbox = Sandbox(run_dir / "workspace", isolate=isolate)
-        submission = await run_agent(run, client, sandbox, opts, stop)
+        submission = await run_agent(run, client, sandbox, opts, stop, contact or ApiContact())
         if submission is not None:
             g = await asyncio.to_thread(grade, submission, run.level, run.seed)
             outcome = "error" if g.label == "ungradable" else "pass" if g.passed else "fail"
@@ -235,12 +273,15 @@ async def run_one(run: Run, client, opts: argparse.Namespace, isolate: bool,
     except SweepStopped as e:
         run.outcome, (run.label, why) = "stopped", e.args
         run.detail = f"stopped before step {run.steps + 1}: {why}"
+    except Unreachable as e:  # as fatal as a refusal: no run of the sweep could get further
+        run.outcome, run.label, run.detail = "error", "api_fatal", str(e)
     except anthropic.APIStatusError as e:
         # A conversation grown too large is the model's doing; a transient error that outlasted the retries
         # costs this run; any other refusal (key, model, permissions, a request the API rejects) is fatal.
         run.outcome, run.label = ("fail", "context_overflow") if conversation_too_long(e) else \
             ("error", "api_error") if transient(e) else ("error", "api_fatal")
-        run.detail = f"{type(e).__name__} ({e.status_code}): {e.message}"
+        run.detail = ("the API refused the sweep: " if run.label == "api_fatal" else "") + \
+            f"{type(e).__name__} ({e.status_code}): {e.message}"
     except anthropic.APIError as e:  # connection failures that outlasted the retries
         run.outcome, run.label, run.detail = "error", "api_error", f"{type(e).__name__}: {e}"
     except Exception as e:  # noqa: BLE001 -- a harness bug must not take the other runs down
@@ -249,8 +290,10 @@ async def run_one(run: Run, client, opts: argparse.Namespace, isolate: bool,
     finally:
         if sandbox is not None:
             await sandbox.close()
-        if not opts.keep_workspaces:  # the submitted file (a copy beside it) and the transcript stay
+        if not opts.keep_workspaces:  # the transcript stays, and so does a model's submitted file (a copy beside it)
             await asyncio.to_thread(shutil.rmtree, run_dir / "workspace", ignore_errors=True)
+            if opts.offline:  # a scripted submission is the project's own, rebuilt from (level, seed) at will
+                (run_dir / "submission.npz").unlink(missing_ok=True)
         run.seconds, run.ended_at = time.monotonic() - started, now()
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -262,13 +305,13 @@ async def run_one(run: Run, client, opts: argparse.Namespace, isolate: bool,
 
 
 async def run_all(runs: list[Run], clients: list, opts: argparse.Namespace, isolate: bool, sweep: Sweep) -> None:
-    limit = asyncio.Semaphore(opts.concurrency)
+    limit, contact = asyncio.Semaphore(opts.concurrency), ApiContact()
 
     async def guarded(run: Run, client) -> None:
         async with limit:
             if not await sweep.start(run):
                 return
-            finished = await run_one(run, client, opts, isolate, sweep.stop)
+            finished = await run_one(run, client, opts, isolate, sweep.stop, contact)
         await sweep.finished(finished)
 
     await asyncio.gather(*(guarded(run, client) for run, client in zip(runs, clients, strict=True)))
@@ -347,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     report_html.write_report(opts.out, summary, sweep.done)
     report.print_summary(summary)
     if sweep.fatal is not None:
-        print(f"error: the API refused the sweep, so it stopped: {sweep.fatal}", file=sys.stderr)
+        print(f"error: the sweep stopped: {sweep.fatal}", file=sys.stderr)
         return 1
     if len(sweep.done) + sweep.skipped < len(planned):
         return 130  # the shell's code for Ctrl-C
@@ -375,4 +418,6 @@ def offline_check(done: list[Run], names: dict[int, str]) -> int:
 
 
 if __name__ == "__main__":
+    # Ctrl-C must stop a sweep even when SIGINT was ignored at start (a job started with `&` from a script).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.exit(main())

@@ -53,55 +53,71 @@ def level_row(level: int | None, runs: list, model: str, offline: bool) -> dict:
     low, high = wilson_interval(passes, len(graded))
     failures = dict(Counter(r.label for r in graded if r.outcome == "fail").most_common())
     usage = sum((Counter(r.usage) for r in runs), Counter())
+    # Scripted replies measure no model: offline, there is no rate, interval or band verdict to give.
     return {"level": level, "runs": len(runs), "graded": len(graded), "passes": passes,
-            "rate": passes / len(graded) if graded else None, "wilson_95": [low, high],
-            "overlaps_band": bool(graded) and low <= TARGET_BAND[1] and high >= TARGET_BAND[0],
+            "rate": passes / len(graded) if graded and not offline else None,
+            "wilson_95": None if offline else [low, high],
+            "overlaps_band": None if offline else bool(graded) and low <= TARGET_BAND[1] and high >= TARGET_BAND[0],
             "top_failures": list(failures)[:2], "failures": failures,
             "tokens": sum(usage[k] for k in USAGE_KEYS),
             "cost_usd": None if offline else estimated_cost(model, {k: usage[k] for k in USAGE_KEYS})}
 
 
-def recommend(rows: list[dict], runs_per_level: int, levels_available: list[int], flags: str = "") -> str:
-    """The level whose interval lies inside the band, or where to look next, as a command that
-    carries the sweep's other flags."""
-    return _recommend(rows, runs_per_level, levels_available).replace(" --runs ", f"{flags} --runs ")
+CAP_MARGIN = 1.25  # a suggested cap allows a quarter more than the expected cost: runs vary
 
 
-def _recommend(rows: list[dict], runs_per_level: int, levels_available: list[int]) -> str:
+def recommend(rows: list[dict], runs_per_level: int, levels_available: list[int], flags: str,
+              run_cost: float | None, measured: bool) -> str:
+    """The level whose interval lies inside the band, or where to look next, as a command that carries the sweep's
+    other flags (`flags`, fresh seeds among them) and a cap that covers its runs at `run_cost` a run (None: no price
+    is known, so no cap), its expected cost said before it."""
+    text, follow = _recommend(rows, runs_per_level, levels_available)
+    if follow is None:
+        return text
+    first, last, runs = follow
+    levels, n = f"--level {first}" if first == last else f"--levels {first}-{last}", (last - first + 1) * runs
+    if run_cost is None:
+        return (f"{text}; no price is known for the model, so this sets no cap; next: python main.py {levels}{flags} "
+                f"--runs {runs} --max-cost 0")
+    cost = n * run_cost
+    return (f"{text}; its {n} runs cost about ${cost:.2f} at the {'measured' if measured else 'estimated'} "
+            f"${run_cost:.2f} a run; next: python main.py {levels}{flags} --runs {runs} "
+            f"--max-cost {max(1, math.ceil(cost * CAP_MARGIN))}")
+
+
+def _recommend(rows: list[dict], runs_per_level: int, levels_available: list[int]
+               ) -> tuple[str, tuple[int, int, int] | None]:
+    """What the rows say, and the follow-up sweep if there is one: (first level, last level, runs per level)."""
     low_band, high_band = TARGET_BAND
     graded = [r for r in rows if r["graded"]]
     if not graded:
-        return "no graded run yet"
+        return "no graded run yet", None
     inside = [r for r in graded if low_band <= r["wilson_95"][0] and r["wilson_95"][1] <= high_band]
     if inside:
         r = inside[0]
-        return f"recommended level: {r['level']} ({r['rate']:.0%}, 95% interval {r['wilson_95'][0]:.0%}-" \
-               f"{r['wilson_95'][1]:.0%}, inside the band)"
+        return (f"recommended level: {r['level']} ({r['rate']:.0%}, 95% interval {r['wilson_95'][0]:.0%}-"
+                f"{r['wilson_95'][1]:.0%}, inside the band)"), None
     more = max(2 * runs_per_level, 10)
     for r in graded:
         if low_band <= r["rate"] <= high_band:
             p = r["rate"]
             need = max(more, math.ceil(1.96**2 * max(p * (1 - p), 0.09) / HALF_WIDTH**2))
             return (f"level {r['level']} passes {p:.0%}, in the band, but its interval {r['wilson_95'][0]:.0%}-"
-                    f"{r['wilson_95'][1]:.0%} is wider; next: python main.py --level {r['level']} --runs {need}")
+                    f"{r['wilson_95'][1]:.0%} is wider"), (r["level"], r["level"], need)
     for a, b in itertools.pairwise(graded):
         if a["rate"] > high_band and b["rate"] < low_band:
             return (f"no level passes inside the band; it falls between level {a['level']} ({a['rate']:.0%}) and "
-                    f"level {b['level']} ({b['rate']:.0%}); next: python main.py --levels {a['level']}-{b['level']} "
-                    f"--runs {more}")
+                    f"level {b['level']} ({b['rate']:.0%})"), (a["level"], b["level"], more)
     harder = [lv for lv in levels_available if lv > graded[-1]["level"]]
     easier = [lv for lv in levels_available if lv < graded[0]["level"]]
     if all(r["rate"] > high_band for r in graded):
-        return (f"every level passes above {high_band:.0%}; next: python main.py --levels {harder[0]}-{harder[-1]} "
-                f"--runs {runs_per_level}" if harder else
-                f"every level passes above {high_band:.0%}, even level {graded[-1]['level']}, the hardest there is")
+        return (f"every level passes above {high_band:.0%}", (harder[0], harder[-1], runs_per_level)) if harder else \
+            (f"every level passes above {high_band:.0%}, even level {graded[-1]['level']}, the hardest there is", None)
     if all(r["rate"] < low_band for r in graded):
-        return (f"every level passes below {low_band:.0%}; next: python main.py --levels {easier[0]}-{easier[-1]} "
-                f"--runs {runs_per_level}" if easier else
-                f"every level passes below {low_band:.0%}, even level {graded[0]['level']}, the easiest there is")
-    span = f"{graded[0]['level']}-{graded[-1]['level']}"
-    return f"no level passes inside the band and the rates are not ordered; next: python main.py --levels {span} " \
-           f"--runs {more}"
+        return (f"every level passes below {low_band:.0%}", (easier[0], easier[-1], runs_per_level)) if easier else \
+            (f"every level passes below {low_band:.0%}, even level {graded[0]['level']}, the easiest there is", None)
+    return ("no level passes inside the band and the rates are not ordered",
+            (graded[0]["level"], graded[-1]["level"], more))
 
 
 def print_table(s: dict) -> None:
@@ -112,8 +128,10 @@ def print_table(s: dict) -> None:
     for r in s["levels"]:
         rate = "-" if r["rate"] is None else f"{r['rate']:.0%}"
         cost = "-" if r["cost_usd"] is None else f"${r['cost_usd']:.2f}"
-        interval = f"{r['wilson_95'][0]:.0%}-{r['wilson_95'][1]:.0%}"
-        verdict = f"{rate:>5}  {interval:<10} {'yes' if r['overlaps_band'] else 'no':<4} " if rated else ""
+        verdict = ""
+        if rated:
+            interval = f"{r['wilson_95'][0]:.0%}-{r['wilson_95'][1]:.0%}"
+            verdict = f"{rate:>5}  {interval:<10} {'yes' if r['overlaps_band'] else 'no':<4} "
         print(f"{r['level']:>5} {r['graded']:>6} {r['passes']:>6} {verdict}{', '.join(r['top_failures']):<32} "
               f"{r['tokens']:>9} {cost:>7}")
     print(s["recommendation"])
@@ -144,9 +162,11 @@ def run_line(run) -> str:  # a main.Run
 
 
 def next_flags(opts: argparse.Namespace) -> str:
-    """The sweep's flags that a follow-up command must carry (all but the levels and runs it picks)."""
-    flags = f" --model {opts.model} --seed {opts.seed} --max-steps {opts.max_steps} --max-tokens {opts.max_tokens}"
-    return flags + (f" --thinking {opts.thinking}" if opts.thinking else "") + f" --max-cost {opts.max_cost:g}"
+    """The sweep's flags that a follow-up command must carry (all but the levels, runs and cap it picks), with the
+    first seed after those this sweep measured, so that no instance is run again."""
+    flags = (f" --model {opts.model} --seed {opts.seed + opts.runs} --max-steps {opts.max_steps} "
+             f"--max-tokens {opts.max_tokens}")
+    return flags + (f" --thinking {opts.thinking}" if opts.thinking else "")
 
 
 def print_summary(s: dict) -> None:

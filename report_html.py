@@ -1,11 +1,13 @@
 """report.html and each run's transcript.html: self-contained pages (no network, no scripts, no
-framework) that a reviewer opens in any browser, from 700 px wide to wide screens."""
+framework) that a reviewer opens in any browser, from 700 px wide to wide screens: below STACK_BELOW px
+each table row becomes a block of labelled fields, so no column is hidden off to the side."""
 import json
 from html import escape
 from pathlib import Path
 
 import report
 
+STACK_BELOW = 1100  # px: the Runs table, its detail included, needs about 1070 px as a table
 STYLE = """
 *{box-sizing:border-box}body{font:15px/1.45 system-ui,sans-serif;color:#1d2330;background:#f6f7f9;margin:0}
 main{max-width:1180px;margin:0 auto;padding:20px}h1{font-size:1.5em;margin:.2em 0}h2{font-size:1.15em;margin:1.4em 0 .5em}
@@ -14,8 +16,9 @@ background:#fff;border:1px solid #d8dce3;border-radius:6px;padding:12px 14px}.me
 .meta b{display:block;font-size:.78em;color:#5b6475;text-transform:uppercase;letter-spacing:.03em}
 .scroll{overflow-x:auto;background:#fff;border:1px solid #d8dce3;border-radius:6px}
 table{border-collapse:collapse;width:100%}th,td{padding:5px 9px;border-bottom:1px solid #e3e6eb;text-align:left;
-vertical-align:top}th{background:#eef1f5;font-weight:600;white-space:nowrap}tr:nth-child(even) td{background:#fafbfc}
-td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}td.detail{overflow-wrap:anywhere;min-width:14em}
+vertical-align:top}th{background:#eef1f5;font-weight:600;white-space:nowrap}tr:nth-child(even){background:#fafbfc}
+.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}td.wide{overflow-wrap:anywhere;min-width:14em}
+.nowrap{white-space:nowrap}
 .pass{color:#1a7f37;font-weight:600}.fail{color:#b42318;font-weight:600}.error,.stopped{color:#9a6700;font-weight:600}
 .note{background:#fff8e1;border:1px solid #f0d98a;border-radius:6px;padding:8px 12px}
 .chart{background:#fff;border:1px solid #d8dce3;border-radius:6px;padding:8px}.chart svg{width:100%;height:auto}
@@ -23,8 +26,13 @@ td:first-child{white-space:nowrap}pre{max-height:40em;overflow:auto;white-space:
 font:13px/1.4 ui-monospace,monospace;margin:.3em 0}.step{background:#fff;border:1px solid #d8dce3;border-radius:6px;
 padding:8px 12px;margin:10px 0}.step h3{margin:.1em 0;font-size:1em}.step .usage{color:#5b6475;font-size:.85em}
 .tag{display:inline-block;font-size:.78em;color:#5b6475;margin-top:.4em}.grade{font-size:1.05em;padding:8px 12px;
-background:#fff;border:1px solid #d8dce3;border-radius:6px}
-"""
+background:#fff;border:1px solid #d8dce3;border-radius:6px}.grade pre{margin:.4em 0 0}
+@media (max-width:STACK_BELOWpx){table.stack thead{display:none}table.stack,table.stack tbody{display:block}
+table.stack tr{display:flex;flex-wrap:wrap;gap:4px 12px;padding:7px 10px;border-bottom:1px solid #e3e6eb}
+table.stack td{flex:1 0 7em;padding:0;border:0;text-align:left;white-space:normal}
+table.stack td::before{content:attr(data-label);display:block;font-size:.72em;color:#5b6475;text-transform:uppercase;
+letter-spacing:.03em}table.stack td.wide{flex-basis:100%;min-width:0}}
+""".replace("STACK_BELOW", str(STACK_BELOW))
 
 
 def page(title: str, body: str) -> str:
@@ -33,8 +41,25 @@ def page(title: str, body: str) -> str:
             f"</head><body><main>{body}</main></body></html>\n")
 
 
-def meta(items: dict[str, str]) -> str:
-    return "<div class='meta'>" + "".join(f"<div><b>{escape(k)}</b>{escape(v)}</div>" for k, v in items.items()) + "</div>"
+def meta(items: dict[str, str | list[str]]) -> str:
+    """Labelled facts; a list is shown as pieces that a line may break between, never inside (flags, times)."""
+    def shown(v: str | list[str]) -> str:
+        return escape(v) if isinstance(v, str) else " ".join(f"<span class='nowrap'>{escape(x)}</span>" for x in v)
+    return "<div class='meta'>" + "".join(f"<div><b>{escape(k)}</b>{shown(v)}</div>" for k, v in items.items()) + "</div>"
+
+
+def table(table_id: str, columns: list[tuple[str, str]], rows: list[tuple[str, list[str]]]) -> str:
+    """A table whose rows stack into labelled fields below STACK_BELOW px. columns: (header, kind), kind '' for
+    text, 'num' for right-aligned numbers (header too), 'wide' for a cell on a line of its own when stacked.
+    rows: (the row's id or '', its cells as HTML)."""
+    head = "".join(f"<th class='{kind}'>{escape(name)}</th>" for name, kind in columns)
+    body = "".join(
+        (f"<tr id='{row_id}'>" if row_id else "<tr>")
+        + "".join(f"<td class='{kind}' data-label='{escape(name)}'>{cell}</td>"
+                  for (name, kind), cell in zip(columns, cells, strict=True)) + "</tr>"
+        for row_id, cells in rows)
+    return (f"<div class='scroll'><table id='{table_id}' class='stack'><thead><tr>{head}</tr></thead><tbody>{body}"
+            "</tbody></table></div>")
 
 
 def rate_chart(rows: list[dict], band: tuple[float, float]) -> str:
@@ -76,12 +101,13 @@ def outcome(text: str) -> str:
 def write_report(out: Path, summary: dict, runs: list) -> None:
     s, offline = summary, summary["offline"]
     levels = ",".join(map(str, s["levels_swept"]))
-    title = f"Scripted offline sweep (no model), levels {levels}" if offline else f"Sweep: {s['model']}, levels {levels}"
-    runs_flag = "" if offline else f" --runs {s['runs_per_level']}"  # offline, a level's runs are its scripts
-    flags = (f"--levels {levels}{runs_flag} --seed {s['seed']} --max-steps {s['max_steps']} "
-             f"--max-tokens {s['max_tokens']}" + (f" --thinking {s['thinking_budget']}" if s["thinking_budget"] else "")
-             + (" --offline" if offline else f" --max-cost {s['max_cost_usd'] or 0:g}"))
-    header = meta({"date (UTC)": f"{s['started_at']} to {s['ended_at']}", "model": "scripted replies" if offline else
+    swept = f"level{'s' if len(s['levels_swept']) > 1 else ''} {levels}"
+    title = f"Scripted offline sweep (no model), {swept}" if offline else f"Sweep: {s['model']}, {swept}"
+    flags = [f"--levels {levels}", *([] if offline else [f"--runs {s['runs_per_level']}"]),  # offline: its scripts
+             f"--seed {s['seed']}", f"--max-steps {s['max_steps']}", f"--max-tokens {s['max_tokens']}",
+             *([f"--thinking {s['thinking_budget']}"] if s["thinking_budget"] else []),
+             "--offline" if offline else f"--max-cost {s['max_cost_usd'] or 0:g}"]
+    header = meta({"date (UTC)": [s["started_at"], "to", s["ended_at"]], "model": "scripted replies" if offline else
                    s["model"], "flags": flags, "task version": s["task_version"], "output folder": s["out"],
                    "wall time": f"{s['wall_seconds']} s", "runs": f"{s['runs_finished']} of {s['runs_planned']} "
                    f"finished, {s['skipped']} skipped, {s['stopped']} stopped, {sum(s['errors'].values())} errors",
@@ -90,48 +116,50 @@ def write_report(out: Path, summary: dict, runs: list) -> None:
                "there is no pass rate to read and no level to recommend: this sweep checks the harness.</p>"
                if offline else f"<p class='note'><b>{escape(s['recommendation'])}</b></p>")
     band = s["target_band"]
-    head = "<tr><th>level</th><th>graded</th><th>passes</th>" + ("" if offline else
-           f"<th>rate</th><th>95% Wilson</th><th>overlaps {band[0]:.0%}-{band[1]:.0%}</th>") + \
-        "<th>errors</th><th>top failures</th><th>tokens</th><th>cost</th></tr>"
-    rows = "".join(
-        f"<tr><td>{r['level']}</td><td class='num'>{r['graded']}</td><td class='num'>{r['passes']}</td>"
-        + ("" if offline else f"<td class='num'>{'-' if r['rate'] is None else format(r['rate'], '.0%')}</td>"
-           f"<td class='num'>{r['wilson_95'][0]:.0%}-{r['wilson_95'][1]:.0%}</td>"
-           f"<td>{'yes' if r['overlaps_band'] else 'no'}</td>")
-        + f"<td class='num'>{sum(1 for run in runs if run.level == r['level'] and run.outcome == 'error')}</td>"
-        f"<td>{escape(', '.join(r['top_failures']) or '-')}</td><td class='num'>{r['tokens']}</td>"
-        f"<td class='num'>{'-' if r['cost_usd'] is None else format(r['cost_usd'], '.2f')}</td></tr>"
-        for r in s["levels"])
-    run_rows = "".join(run_row(r) for r in sorted(runs, key=lambda r: r.run_id))
+    level_columns = [("level", "num"), ("graded", "num"), ("passes", "num"),
+                     *([] if offline else [("rate", "num"), ("95% Wilson", "num"),
+                                           (f"overlaps {band[0]:.0%}-{band[1]:.0%}", "")]),
+                     ("errors", "num"), ("top failures", ""), ("tokens", "num"), ("cost", "num")]
+    level_rows = [("", [str(r["level"]), str(r["graded"]), str(r["passes"]),
+                        *([] if offline else ["-" if r["rate"] is None else f"{r['rate']:.0%}",
+                                              f"{r['wilson_95'][0]:.0%}-{r['wilson_95'][1]:.0%}",
+                                              "yes" if r["overlaps_band"] else "no"]),
+                        str(sum(1 for run in runs if run.level == r["level"] and run.outcome == "error")),
+                        escape(", ".join(r["top_failures"]) or "-"), str(r["tokens"]),
+                        "-" if r["cost_usd"] is None else f"{r['cost_usd']:.2f}"])
+                  for r in s["levels"]]
+    run_columns = [("run", ""), ("level", "num"), ("seed", "num"), ("outcome", ""), ("label", ""), ("steps", "num"),
+                   ("tokens in/out", "num"), ("time", "num"), ("max error", "num"), ("detail", "wide")]
+    run_rows = [(f"run-{r.run_id:03d}", run_cells(r)) for r in sorted(runs, key=lambda r: r.run_id)]
     embedded = json.dumps(s).replace("</", "<\\/")  # the numbers, machine-readable, safe inside <script>
     chart = "" if offline else f"<h2>Pass rate per level</h2><div class='chart'>{rate_chart(s['levels'], band)}</div>"
-    body = (f"<h1>{escape(title)}</h1>{header}{verdict}<h2>Levels</h2><div class='scroll'><table id='levels'>{head}"
-            f"{rows}</table></div>{chart}<h2>Runs</h2><div class='scroll'><table id='runs'><tr><th>run</th><th>level"
-            "</th><th>seed</th><th>outcome</th><th>label</th><th>steps</th><th>tokens in/out</th><th>time</th>"
-            f"<th>max error</th><th>detail</th></tr>{run_rows}</table></div>"
+    body = (f"<h1>{escape(title)}</h1>{header}{verdict}<h2>Levels</h2>{table('levels', level_columns, level_rows)}"
+            f"{chart}<h2>Runs</h2>{table('runs', run_columns, run_rows)}"
             f"<script type='application/json' id='summary'>{embedded}</script>")
     (out / "report.html").write_text(page(title, body))
 
 
-def run_row(r) -> str:
+def run_cells(r) -> list[str]:
     error = "-" if r.max_error is None else f"{r.max_error:.3g}"
     detail = r.detail.strip().splitlines()[-1] if r.outcome == "error" and r.detail.strip() else r.detail
-    return (f"<tr id='run-{r.run_id:03d}'><td><a href='run-{r.run_id:03d}/transcript.html'>run {r.run_id:03d}</a></td>"
-            f"<td class='num'>{r.level}</td><td class='num'>{r.seed}</td><td>{outcome(r.outcome)}</td>"
-            f"<td>{escape(r.label)}</td><td class='num'>{r.steps}</td><td class='num'>{report.tokens_in(r.usage)}/"
-            f"{r.usage['output_tokens']}</td><td class='num'>{r.seconds:.1f} s</td><td class='num'>{error}</td>"
-            f"<td class='detail'>{escape(detail[:300])}</td></tr>")
+    return [f"<a href='run-{r.run_id:03d}/transcript.html'>run {r.run_id:03d}</a>", str(r.level), str(r.seed),
+            outcome(r.outcome), escape(r.label), str(r.steps), f"{report.tokens_in(r.usage)}/{r.usage['output_tokens']}",
+            f"{r.seconds:.1f} s", error, escape(detail[:300])]
 
 
 def transcript_html(run) -> str:
-    """A run's conversation as numbered steps, each with its tokens and time; the grade at top and bottom."""
-    grade = (f"<p class='grade'>{outcome(run.outcome)} <b>{escape(run.label)}</b>"
-             + (f", max |logit difference| {run.max_error:.3g}" if run.max_error is not None else "")
-             + f" &middot; level {run.level}, seed {run.seed}, {run.steps} steps, {run.seconds:.1f} s"
-             + (f"<br>{escape(run.detail)}" if run.detail else "") + "</p>")
+    """A run's conversation as numbered steps, each with its tokens and time, and its grade once, at the top. A tool
+    call that got no result (the submit that ended the run, and any call beside it) is shown with how the run ended."""
+    fact = run.detail or (f"max |logit difference| {run.max_error:.3g}" if run.max_error is not None else "")
+    grade = (f"<div class='grade'>{outcome(run.outcome)} <b>{escape(run.label)}</b> &middot; level {run.level}, "
+             f"seed {run.seed}, {run.steps} steps, {run.seconds:.1f} s" + (f"<pre>{escape(fact)}</pre>" if fact else "")
+             + "</div>")
     nav = "<p><a href='../report.html'>&larr; the sweep's report</a></p>"
     parts = [nav, f"<h1>run {run.run_id:03d}</h1>", grade]
     logs = {entry["step"]: entry for entry in run.step_log}
+    answered = {b.get("tool_use_id") for m in run.messages if m["role"] == "user" and isinstance(m["content"], list)
+                for b in m["content"]}
+    ending = f"No result was sent: the run ended here, {run.outcome.upper()} {run.label}."
     step = 0
     for message in run.messages:
         content = message["content"]
@@ -150,8 +178,10 @@ def transcript_html(run) -> str:
             parts.append("<div class='step'>" + ("<h3>prompt</h3>" if step == 0 else ""))
         for block in blocks:
             parts.append(render_block(block, folded=step == 0))
+            if block["type"] == "tool_use" and block["id"] not in answered:
+                parts.append(f"<span class='tag'>result</span><pre>{escape(ending)}</pre>")
         parts.append("</div>")
-    parts += [grade, nav]
+    parts.append(nav)
     return page(f"run {run.run_id:03d}: {run.outcome} {run.label}", "".join(parts))
 
 

@@ -3,7 +3,7 @@
 `ScriptedClient` is the real `anthropic.AsyncAnthropic`, whose HTTP transport answers each
 POST /v1/messages with the next scripted reply: a Message as JSON, or as server-sent events
 when the SDK streams (as main.py does), or an HTTP error with the API's error body and
-headers. So the SDK's own request building, streaming, response parsing and exceptions are
+headers, or a failure to connect. So the SDK's own request building, streaming, response parsing and exceptions are
 what `main.py --offline` and the tests run. Requests the API would refuse get its 400.
 """
 import asyncio
@@ -48,6 +48,11 @@ def http_error(status: int, message: str = "", retry_after: float | None = None,
     headers = {} if retry_after is None else {"retry-after": f"{retry_after:g}"}
     body = {"type": "error", "error": {"type": ERROR_TYPES.get(status, "api_error"), "message": message or f"HTTP {status}"}}
     return {"http_error": status, "body": body, "headers": headers, "mid_stream": mid_stream}
+
+
+def connection_error(reason: str = "[Errno 111] Connection refused") -> dict:
+    """A scripted failure to connect: the request never reaches the API."""
+    return {"connection_error": reason}
 
 
 def check_request(request: dict, signed: dict[str, str]) -> list[str]:
@@ -127,8 +132,10 @@ class ScriptedTransport(httpx.AsyncBaseTransport):
         problems = check_request(body, self.signed)
         if problems:
             return httpx.Response(400, json=http_error(400, "; ".join(problems))["body"])
-        self.requests.append(body)  # main.py builds each request anew and never mutates a sent message
         scripted = next(self.replies, reply(text("(the script has ended)"), stop_reason="end_turn"))
+        if "connection_error" in scripted:
+            raise httpx.ConnectError(scripted["connection_error"], request=request)
+        self.requests.append(body)  # main.py builds each request anew and never mutates a sent message
         if "http_error" in scripted and scripted["mid_stream"] and body.get("stream"):
             start = {"type": "message_start", "message": {"id": f"msg_{next(_ids):06d}", "type": "message", "role":
                      "assistant", "model": body["model"], "content": [], "stop_reason": None, "stop_sequence": None,

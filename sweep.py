@@ -64,6 +64,11 @@ def task_version() -> str:
     return digest.hexdigest()[:16]
 
 
+def measured_model(opts: argparse.Namespace) -> str:
+    """The model a record names: offline, the replies are scripted and no model is measured."""
+    return "scripted" if opts.offline else opts.model
+
+
 def sweep_config(opts: argparse.Namespace) -> dict:
     """config.json: what the sweep ran, under which task code; --resume restores it."""
     return {"schema": SCHEMA_VERSION, "task_version": task_version(), **{k: getattr(opts, k) for k in SWEEP_FLAGS}}
@@ -80,16 +85,24 @@ class Sweep:
         self.in_flight: dict[int, Run] = {}
         self.changed = asyncio.Condition()  # a run ended: the cap may now allow another
         self.skipped = 0
-        self.fatal: str | None = None  # the cause of a fatal API error, once one has ended a run
+        self.fatal: str | None = None  # why the API cannot serve the sweep, once a run has met that
         self.started, self.started_at = time.monotonic(), now()
 
     def cost(self, run: Run) -> float:
         return 0.0 if self.opts.offline else report.estimated_cost(self.opts.model, run.usage) or 0.0
 
-    def expected_run_cost(self) -> float:
-        """The mean cost of the runs finished so far, or, before any, a run of PRIOR_RUN_USAGE."""
+    def run_cost(self) -> tuple[float | None, bool]:
+        """What a run costs, and whether that was measured: the mean of the finished runs that sent a request, or,
+        before any, a run of PRIOR_RUN_USAGE; None offline and for a model without a price."""
+        if self.opts.offline or report.price(self.opts.model) is None:
+            return None, False
         costs = [self.cost(r) for r in self.done if r.steps]
-        return sum(costs) / len(costs) if costs else report.estimated_cost(self.opts.model, PRIOR_RUN_USAGE) or 0.0
+        if costs:
+            return sum(costs) / len(costs), True
+        return report.estimated_cost(self.opts.model, PRIOR_RUN_USAGE), False
+
+    def expected_run_cost(self) -> float:
+        return self.run_cost()[0] or 0.0
 
     def spent(self) -> float:
         return self.spent_before + sum(self.cost(r) for r in [*self.done, *self.in_flight.values()])
@@ -100,13 +113,13 @@ class Sweep:
     def may_send(self) -> bool:
         """The cap bounds spend: no request is sent once the spend so far has reached it. So a sweep
         passes the cap by at most the requests in flight when it is reached, one per running run.
-        A fatal API error (a bad key, an unknown model) stops every request at once."""
+        A fatal API error (a bad key, an unknown model, no answer at all) stops every request at once."""
         return self.fatal is None and (not self.capped() or self.spent() < self.opts.max_cost)
 
     def stop(self) -> tuple[str, str] | None:
         """Why a run must send no further request, as (label, detail), or None."""
         if self.fatal is not None:
-            return "api_fatal", f"the API refused the sweep: {self.fatal}"
+            return "api_fatal", self.fatal
         if not self.may_send():
             return "spending_cap", f"the sweep's spend reached --max-cost ${self.opts.max_cost:.2f}"
         return None
@@ -144,7 +157,7 @@ class Sweep:
     def record(self, run: Run) -> None:
         """Write down a finished run: results.jsonl, the progress line, report.html."""
         graded = run.outcome in ("pass", "fail")
-        record = {"schema": SCHEMA_VERSION, "task_version": task_version(), "model": self.opts.model,
+        record = {"schema": SCHEMA_VERSION, "task_version": task_version(), "model": measured_model(self.opts),
                   "max_tokens": self.opts.max_tokens, "thinking": self.opts.thinking, "max_steps": self.opts.max_steps,
                   "reward": float(run.outcome == "pass") if graded else None,
                   **{k: v for k, v in asdict(run).items() if k != "messages"}}
@@ -164,20 +177,22 @@ class Sweep:
         usage = sum((Counter(r.usage) for r in runs), Counter())
         rate, cost = overall["rate"], overall["cost_usd"]
         return {
-            "schema": SCHEMA_VERSION, "task_version": task_version(), "model": opts.model, "levels_swept": opts.levels,
-            "runs_per_level": opts.runs, "out": str(opts.out),
+            "schema": SCHEMA_VERSION, "task_version": task_version(), "model": measured_model(opts),
+            "levels_swept": opts.levels, "runs_per_level": None if opts.offline else opts.runs, "out": str(opts.out),
             "seed": opts.seed, "offline": opts.offline, "thinking_budget": opts.thinking, "max_tokens": opts.max_tokens,
             "max_steps": opts.max_steps, "started_at": self.started_at, "ended_at": now(),
             "runs_planned": self.planned, "runs_finished": len(runs), "skipped": self.skipped,
-            "skipped_reason": "" if not self.skipped else f"the API refused the sweep: {self.fatal}" if self.fatal else
+            "skipped_reason": "" if not self.skipped else self.fatal if self.fatal else
             f"the spend reached the cap of ${opts.max_cost:.2f} (--max-cost)",
             "stopped": sum(r.outcome == "stopped" for r in runs), "spent_usd": round(self.spent(), 4),
             "max_cost_usd": opts.max_cost if self.capped() else None,
             "graded": overall["graded"], "passes": overall["passes"], "pass_rate": rate, "wilson_95": overall["wilson_95"],
             "target_band": list(report.TARGET_BAND),
-            "in_target_band": rate is not None and report.TARGET_BAND[0] <= rate <= report.TARGET_BAND[1],
+            "in_target_band": None if opts.offline else rate is not None and
+            report.TARGET_BAND[0] <= rate <= report.TARGET_BAND[1],
             "levels": rows, "recommendation": "offline: the replies are scripted, so no level is recommended"
-            if opts.offline else report.recommend(rows, opts.runs, sorted(task.LEVELS), report.next_flags(opts)),
+            if opts.offline else report.recommend(rows, opts.runs, sorted(task.LEVELS), report.next_flags(opts),
+                                                  *self.run_cost()),
             "failures": overall["failures"],
             "errors": dict(Counter(r.label for r in runs if r.outcome == "error").most_common()),
             "tokens": {"input": usage["input_tokens"], "output": usage["output_tokens"],
@@ -256,9 +271,12 @@ def parse_levels(text: str) -> list[int]:
             first, last = (int(x) for x in text.split("-", 1))
             levels = list(range(first, last + 1))
         else:
-            levels = [int(x) for x in text.split(",")]
+            first, last, levels = 0, 0, [int(x) for x in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"levels are A-B or A,B,...; got {text!r}")
+    if first > last:
+        raise argparse.ArgumentTypeError(f"A-B goes from the lower level to the higher; got {text!r} "
+                                         f"(did you mean {last}-{first}?)")
     return check_levels(levels, text)
 
 
@@ -292,7 +310,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-cost", type=non_negative_usd, default=DEFAULT_MAX_COST,
                    help=f"USD for the whole sweep: no request is sent once the spend reaches it, so it is passed by at "
                         f"most the requests in flight; 0 for no cap (default {DEFAULT_MAX_COST:g})")
-    p.add_argument("--out", type=Path, help="output directory (default runs/<timestamp>/)")
+    p.add_argument("--out", type=Path, help="output directory (default runs/<timestamp>-<4 hex digits>/)")
     p.add_argument("--resume", type=Path, metavar="DIR",
                    help=f"finish the sweep in DIR with its saved flags, keeping the passes and fails in its {RESULTS} "
                         "(other runs start over); only --max-cost may be given anew")
@@ -302,8 +320,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="against the API, run model code as plain processes when bubblewrap cannot isolate it "
                         "(refused by default; --offline always may)")
     p.add_argument("--keep-workspaces", action="store_true",
-                   help="keep each run's workspace (by default removed when the run ends; the submitted file and "
-                        "the transcript stay)")
+                   help="keep each run's workspace and, offline, its scripted submission (by default removed when "
+                        "the run ends; the transcript and a model's submitted file stay)")
     p.add_argument("--verbose", action="store_true", help="print every tool call as it happens")
     flags = (*SWEEP_FLAGS, "level", "out")
     opts = p.parse_args(argv, argparse.Namespace(**dict.fromkeys(flags, UNSET)))  # argparse keeps what is set

@@ -109,7 +109,8 @@ for line in requests:
 
 # Without bubblewrap's PID namespace or a cgroup, nothing else holds a worker's processes together: this
 # launcher makes itself their subreaper, so that processes that left the session (setsid, double fork) are
-# re-parented to it rather than to init, and on SIGTERM or the worker's end it kills them all.
+# re-parented to it rather than to init, and on SIGTERM or the worker's end it kills them all; it exits with the
+# worker's status, which the tool result reports.
 REAPER = r"""
 import ctypes, os, signal, sys
 ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
@@ -128,7 +129,7 @@ def children():
             pass
     return found
 
-def end(*_):
+def end(code):
     while pids := children():  # killing one may orphan its descendants to us: repeat until none is left
         for pid in pids:
             try:
@@ -144,12 +145,14 @@ def end(*_):
                 os.waitpid(pid, 0)
             except ChildProcessError:
                 pass
-    os._exit(0)
+    os._exit(code)
 
-signal.signal(signal.SIGTERM, end)
+signal.signal(signal.SIGTERM, lambda *_: end(128 + signal.SIGTERM))
 while True:
-    if os.wait()[0] == worker:
-        end()
+    pid, status = os.wait()
+    if pid == worker:  # its exit status is passed on, as bwrap passes on its child's (128 + N for signal N)
+        code = os.waitstatus_to_exitcode(status)
+        end(code if code >= 0 else 128 - code)
 """
 
 

@@ -141,9 +141,16 @@ def test_the_export_command_line(tmp_path):
                        cwd=ROOT, capture_output=True, text=True, check=False)
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "level-6-seed-2", "level-6-seed-3"]
-    bad = subprocess.run([sys.executable, "harbor_export.py", str(tmp_path), "--seeds", "3-1"],
+    bad = subprocess.run([sys.executable, "harbor_export.py", str(tmp_path / "new"), "--seeds", "3-1"],
                          cwd=ROOT, capture_output=True, text=True, check=False)
     assert bad.returncode == 2 and "A-B with 0 <= A <= B" in bad.stderr
+    again = [sys.executable, "harbor_export.py", str(tmp_path), "--level", "6", "--seeds", "5"]
+    used = subprocess.run(again, cwd=ROOT, capture_output=True, text=True, check=False)
+    assert used.returncode == 2 and "already holds files" in used.stderr and "--replace" in used.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "level-6-seed-2", "level-6-seed-3"]  # untouched
+    replaced = subprocess.run([*again, "--replace"], cwd=ROOT, capture_output=True, text=True, check=False)
+    assert replaced.returncode == 0, replaced.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "level-6-seed-5"]
 
 
 def test_the_verifier_never_waits_on_a_fifo(tmp_path):

@@ -1,4 +1,6 @@
 """The task under Inspect AI, driven offline by Inspect's mockllm through scripted tool calls."""
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -12,7 +14,8 @@ from inspect_ai.model import ModelOutput, ModelUsage
 import task
 from inspect_task import megatron_port
 
-CONVERSIONS = (Path(__file__).resolve().parents[1] / "conversions.py").read_text()
+ROOT = Path(__file__).resolve().parents[1]
+CONVERSIONS = (ROOT / "conversions.py").read_text()
 
 
 def counted(output: ModelOutput) -> ModelOutput:
@@ -55,3 +58,22 @@ def test_the_inspect_task_grades_with_the_projects_grader(tmp_path):
     sent = {t.name: t.description for t in model_calls[0].tools}
     assert sent == {t["name"]: t["description"] for t in task.TOOLS}  # the same tools, limits stated alike
     assert not list(Path(tempfile.gettempdir()).glob("megatron-port-L1-s[0-2]-*"))  # every workspace removed
+
+
+def test_a_sample_stopped_by_an_inspect_limit_is_labelled_so(tmp_path):
+    """--token-limit (and Inspect's other limits) bound what a sample may spend: it ends there, scored 0."""
+    [log] = inspect_eval(megatron_port(level=1, seeds="0"), model="mockllm/model", log_dir=str(tmp_path),
+                         model_args={"custom_outputs": calls(convert(None), ("submit", {"path": "converted.npz"}))},
+                         token_limit=150, display="none")  # each scripted reply counts 110 tokens
+    [sample] = read_eval_log(log.location).samples
+    assert sample.limit.type == "token" and sample.scores["graded"].value == 0
+    assert sample.scores["graded"].metadata["label"] == "token_limit"
+
+
+@pytest.mark.parametrize("hide", ["", "import sys; sys.modules['inspect_ai'] = None; "], ids=["extra", "no-extra"])
+def test_python_inspect_task_help_says_how_to_run_it(hide):
+    """With the extra, and without it (hidden from the import system): the usage, never a traceback."""
+    run = f"{hide}import runpy; runpy.run_path('inspect_task.py', run_name='__main__')"
+    r = subprocess.run([sys.executable, "-c", run, "--help"], cwd=ROOT, capture_output=True, text=True, check=False)
+    assert "inspect eval inspect_task.py" in r.stdout + r.stderr and "Traceback" not in r.stderr
+    assert (r.returncode, "pip install '.[inspect]' first" in r.stderr) == ((0, False) if not hide else (1, True))

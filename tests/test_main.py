@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,7 +18,17 @@ import report
 import sweep as sweeps
 import tools
 from conversions import MISTAKES
-from scripted_api import ScriptedClient, conversion_script, http_error, offline_scripts, reply, text, thinking, tool_use
+from scripted_api import (
+    ScriptedClient,
+    connection_error,
+    conversion_script,
+    http_error,
+    offline_scripts,
+    reply,
+    text,
+    thinking,
+    tool_use,
+)
 from sweep import SCHEMA_VERSION, Sweep, task_version
 from tools import bwrap_usable
 
@@ -39,6 +50,7 @@ def results_of(request: dict) -> list[dict]:
 def test_reference_conversion_passes_and_transcript_is_written(tmp_path):
     run, _ = run_script(tmp_path, conversion_script(None))
     assert (run.outcome, run.label, run.steps) == ("pass", "pass", 2)
+    assert (tmp_path / "run-000" / "submission.npz").is_file()  # a model's file is kept as it was graded
     transcript = json.loads((tmp_path / "run-000" / "transcript.json").read_text())
     assert transcript["outcome"] == "pass" and len(transcript["messages"]) == 4
     assert transcript["messages"][2]["content"][0]["content"] == "wrote converted.npz\n"
@@ -100,7 +112,8 @@ def test_thinking_blocks_go_back_unchanged_and_the_budget_is_recorded(tmp_path):
     assert "<summary>thinking</summary>" in (tmp_path / "run-000" / "transcript.html").read_text()
     assert main.main(["--offline", "--level", "1", "--thinking", "2048", "--out", str(tmp_path / "sweep")]) == 0
     assert json.loads((tmp_path / "sweep" / "config.json").read_text())["thinking"] == 2048
-    assert "--thinking 2048" in (tmp_path / "sweep" / "report.html").read_text()
+    page = (tmp_path / "sweep" / "report.html").read_text()
+    assert "--thinking 2048" in page and "<title>Scripted offline sweep (no model), level 1</title>" in page
 
 
 def test_an_altered_thinking_block_is_refused_like_the_api_does():
@@ -149,26 +162,83 @@ def test_unknown_tool_and_malformed_input_get_error_results(tmp_path):
     assert "outside the working directory" in results[3]["content"]
 
 
-def test_transient_errors_cost_a_retry_not_the_run(tmp_path, monkeypatch):
-    """429, 529 and 500 with retry-after are retried by the loop (through the real SDK), and the run goes on."""
-    slept = []
+@pytest.fixture
+def slept(monkeypatch) -> dict[int, list[float]]:
+    """Every retry's wait, by the asyncio task (the run) that waited, instead of waiting."""
+    waits = {}
 
     async def no_sleep(seconds):
-        slept.append(seconds)
+        waits.setdefault(id(asyncio.current_task()), []).append(seconds)
     monkeypatch.setattr(main, "wait_before_retry", no_sleep)
+    return waits
+
+
+def test_transient_errors_cost_a_retry_not_the_run(tmp_path, slept, capsys):
+    """429, 529 and 500 with retry-after are retried by the loop (through the real SDK), each wait told on stderr
+    with its run, step, cause and length and the time waited in all, and the run goes on."""
     script = [http_error(429, "rate limited", retry_after=7), http_error(529, "Overloaded"),
               http_error(500, "internal", retry_after=0), http_error(529, "Overloaded", mid_stream=True),
               *conversion_script(None)]
     run, _ = run_script(tmp_path, script)
     assert (run.outcome, run.label, run.steps) == ("pass", "pass", 2)
-    # retry-after honoured; without it, the backoff (doubled once per wait); an error event mid-stream is retried too
-    assert slept == [7, 2.0, 0, 8.0]
+    # retry-after honoured; without it, the backoff (doubled once per wait); an error event mid-stream is retried too;
+    # each wait lengthened by a random share of up to JITTER
+    (waits,) = slept.values()
+    assert all(base <= wait <= base * (1 + main.JITTER) for wait, base in zip(waits, [7, 2, 0, 8], strict=True))
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 4 and all(line.startswith("run 000 step 1: ") for line in lines)
+    assert "RateLimitError" in lines[0] and f"retrying in {waits[0]:.1f} s, {waits[0]:.1f} s waited in all" in lines[0]
+    assert "OverloadedError" in lines[1] and f"{sum(waits):.1f} s waited in all (gives up past 600 s)" in lines[3]
 
 
-def test_transient_errors_past_the_retry_budget_make_an_api_error(tmp_path, monkeypatch):
-    async def no_sleep(seconds):
-        pass
-    monkeypatch.setattr(main, "wait_before_retry", no_sleep)
+def test_runs_that_meet_the_same_429_do_not_retry_in_lockstep(tmp_path, slept):
+    opts = main.parse_args(["--level", "1", "--runs", "10", "--out", str(tmp_path)])
+    clients = [ScriptedClient([http_error(429, retry_after=7), reply(text("done"), stop_reason="end_turn")])
+               for _ in range(10)]
+    sweep = Sweep(opts, 10, "test")
+    asyncio.run(main.run_all([main.Run(i, i, 1) for i in range(10)], clients, opts, ISOLATE, sweep))
+    waits = [w for run in slept.values() for w in run]
+    assert len(waits) == len(set(waits)) == 10 and all(7 <= w <= 7 * (1 + main.JITTER) for w in waits)
+    assert all(r.label == "no_submission" for r in sweep.done)
+
+
+def test_an_endpoint_that_refuses_connections_ends_the_sweep_within_a_minute(tmp_path, slept, monkeypatch, capsys):
+    """No request of the sweep gets an answer: every retry is told, the runs stop after CONNECT_BUDGET_S of waiting
+    rather than 10 minutes a step, and the command exits 1 with a last line naming the endpoint and what to check.
+    The waits are counted, not slept: the sweep's wall time is the time taken plus the longest run's waits."""
+    with socket.socket() as bound:  # bound, never listening: every connection to it is refused
+        bound.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{bound.getsockname()[1]}"
+        monkeypatch.setenv("ANTHROPIC_BASE_URL", endpoint)
+        monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-test")
+        started = time.monotonic()
+        code = main.main(["--level", "1", "--runs", "3", "--out", str(tmp_path / "s"), "--allow-unisolated"])
+        taken = time.monotonic() - started
+    assert code == 1
+    assert taken + max(sum(waits) for waits in slept.values()) < 60
+    err = capsys.readouterr().err.splitlines()
+    retries = [line for line in err if "retrying in" in line]
+    assert len(retries) >= 5 and all("APIConnectionError" in line and "[Errno 111]" in line for line in retries)
+    assert err[-1].startswith(f"error: the sweep stopped: no answer from the API at {endpoint}")
+    assert "check the network, any proxy (HTTPS_PROXY) and ANTHROPIC_BASE_URL" in err[-1]
+    summary = json.loads((tmp_path / "s" / "summary.json").read_text())
+    assert summary["graded"] == 0 and summary["runs_finished"] == 3 and set(summary["errors"]) == {"api_fatal"}
+
+
+def test_a_connection_lost_mid_sweep_keeps_the_full_retry_budget_and_the_run_is_saved(tmp_path, slept, capsys):
+    opts = main.parse_args(["--level", "1", "--runs", "2", "--concurrency", "1", "--out", str(tmp_path)])
+    lost = [connection_error()] * 8  # waits of about 1 + 2 + ... + 60 s: past CONNECT_BUDGET_S, within RETRY_BUDGET_S
+    clients = [ScriptedClient(conversion_script(None)), ScriptedClient([*lost, *conversion_script(None)])]
+    sweep = Sweep(opts, 2, "test")
+    asyncio.run(main.run_all([main.Run(0, 0, 1), main.Run(1, 1, 1)], clients, opts, ISOLATE, sweep))
+    (waits,) = slept.values()
+    assert len(waits) == 8 and sum(waits) > main.CONNECT_BUDGET_S
+    records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [(r["run_id"], r["outcome"]) for r in records] == [(0, "pass"), (1, "pass")]
+    assert capsys.readouterr().err.count("run 001 step 1: APIConnectionError") == 8
+
+
+def test_transient_errors_past_the_retry_budget_make_an_api_error(tmp_path, slept, monkeypatch):
     monkeypatch.setattr(main, "RETRY_BUDGET_S", 100)  # doublings from 1 s pass 100 s after 7 waits
     run, _ = run_script(tmp_path, [reply(tool_use("python", {"code": "1"})), *[http_error(529)] * 20])
     assert (run.outcome, run.label) == ("error", "api_error") and "OverloadedError (529)" in run.detail
@@ -300,8 +370,11 @@ def test_isolation_is_required_against_the_api_unless_waived(tmp_path):
     assert "not isolated" in json.loads((tmp_path / "out" / "summary.json").read_text())["isolation"]
 
 
-def test_ctrl_c_cancels_the_rest_and_reports_what_finished(tmp_path):
-    cmd = [sys.executable, "-u", "main.py", "--offline", "--level", "5", "--concurrency", "1", "--out", str(tmp_path)]
+@pytest.mark.parametrize("start", [[], ["sh", "-c", 'trap "" INT; exec "$@"', "sh"]], ids=["plain", "sigint-ignored"])
+def test_ctrl_c_cancels_the_rest_and_reports_what_finished(tmp_path, start):
+    """Also when SIGINT was ignored at start, as for a job started with `&` from a script."""
+    cmd = [*start, sys.executable, "-u", "main.py", "--offline", "--level", "5", "--concurrency", "1", "--out",
+           str(tmp_path)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in proc.stdout:
         if line.startswith("run 000"):
@@ -385,12 +458,14 @@ def test_records_carry_what_anyone_needs_and_workspaces_go(tmp_path):
     summary = json.loads((tmp_path / "s" / "summary.json").read_text())
     for record in (*lines, summary):
         assert record["schema"] == SCHEMA_VERSION and record["task_version"] == task_version()
-        assert record["model"] == sweeps.DEFAULT_MODEL and record["max_tokens"] == sweeps.DEFAULT_MAX_TOKENS
+        assert record["model"] == "scripted" and record["max_tokens"] == sweeps.DEFAULT_MAX_TOKENS  # offline
         assert record["started_at"] <= record["ended_at"]
     assert {line["reward"] for line in lines} == {0.0, 1.0}
-    assert not list((tmp_path / "s").glob("run-*/workspace")) and list((tmp_path / "s").glob("run-*/submission.npz"))
+    # Offline, the submissions are the project's own scripted ones: none is kept
+    assert not list((tmp_path / "s").glob("run-*/workspace")) and not list((tmp_path / "s").glob("run-*/*.npz"))
+    assert len(list((tmp_path / "s").glob("run-*/transcript.*"))) == 2 * 4
     assert main.main(["--offline", "--level", "1", "--out", str(tmp_path / "k"), "--keep-workspaces"]) == 0
-    assert len(list((tmp_path / "k").glob("run-*/workspace"))) == 4
+    assert len(list((tmp_path / "k").glob("run-*/workspace"))) == len(list((tmp_path / "k").glob("run-*/*.npz"))) == 4
 
 
 def test_resume_refuses_a_sweep_made_with_other_task_code(tmp_path, capsys):

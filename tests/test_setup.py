@@ -60,11 +60,33 @@ def test_an_old_python_is_refused_with_what_to_do(tmp_path):
     assert r.returncode == 1 and "Python 3.11 or newer" in r.stdout
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not os.access("/usr/bin/python3", os.X_OK),
-                    reason="needs root, to become a user without sudo, and a system python3 that user can run")
-def test_a_user_without_sudo_is_told_what_to_ask_an_administrator_for():
-    with tempfile.TemporaryDirectory(dir="/tmp") as shared:  # pytest's own tmp_path is private to root
+NOBODY = 65534 if os.geteuid() == 0 else None  # as root, become a user without sudo; a normal user is one already
+needs_python3 = pytest.mark.skipif(not os.access("/usr/bin/python3", os.X_OK), reason="no system python3 to run")
+
+
+@needs_python3
+def test_without_bubblewrap_or_sudo_the_venv_is_still_made_and_the_administrator_line_given():
+    with tempfile.TemporaryDirectory(dir="/tmp") as shared:  # pytest's own tmp_path may be private to root
         Path(shared).chmod(0o755)
-        r = setup(Path(shared), {"PATH": bin_dir(Path(shared), python="/usr/bin/python3")}, uid=65534, plan=False)
-    assert r.returncode == 1, r.stderr
-    assert "ask an administrator to run" in r.stdout and "apt-get install -y bubblewrap" in r.stdout
+        r = setup(Path(shared), {"PATH": bin_dir(Path(shared), python="/usr/bin/python3")}, uid=NOBODY)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"venv: {shared}/project/.venv" in r.stdout and "no sudo: an administrator must install them" in r.stdout
+    assert "python main.py --offline works without it" in r.stdout and "--allow-unisolated" in r.stdout
+    assert r.stdout.splitlines()[-1] == "setup:     apt-get update && apt-get install -y bubblewrap"
+
+
+@needs_python3
+def test_without_python3_venv_or_sudo_it_stops_before_anything_with_what_to_ask_for():
+    """A python3 whose ensurepip is missing, as Debian's is without python3-venv: no venv can be made."""
+    with tempfile.TemporaryDirectory(dir="/tmp") as shared:
+        Path(shared).chmod(0o755)
+        path = bin_dir(Path(shared), python="/usr/bin/python3")
+        (Path(path) / "python3").unlink()
+        (Path(path) / "python3").write_text('#!/bin/sh\ncase "$*" in *ensurepip*) exit 1;; esac\n'
+                                            'exec /usr/bin/python3 "$@"\n')
+        (Path(path) / "python3").chmod(0o755)
+        r = setup(Path(shared), {"PATH": path}, uid=NOBODY, plan=False)
+        made = (Path(shared) / "project" / ".venv").exists()
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "ask an administrator to run" in r.stdout and "apt-get install -y bubblewrap python3-venv" in r.stdout
+    assert not made

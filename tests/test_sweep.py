@@ -1,6 +1,7 @@
 """Level sweeps: the table and recommendation, the spending cap, resuming, and report.html."""
 import asyncio
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -44,10 +45,15 @@ def test_a_sweep_interleaves_levels_and_recommends_where_the_band_falls(tmp_path
     assert rows[2]["wilson_95"] == pytest.approx(report.wilson_interval(2, 3))
     assert "falls between level 2 (67%) and level 3 (0%)" in summary["recommendation"]
     command = summary["recommendation"].split("next: python main.py ")[1].split()
-    assert command == ["--levels", "2-3", "--model", "claude-haiku-4-5", "--seed", "0", "--max-steps", "40",
-                       "--max-tokens", "16000", "--max-cost", "6", "--runs", "10"]
+    run_cost, measured = s.run_cost()  # the mean of these runs: each sent requests
+    cap = math.ceil(20 * run_cost * report.CAP_MARGIN)
+    assert measured and f"its 20 runs cost about ${20 * run_cost:.2f} at the measured ${run_cost:.2f} a run" in \
+        summary["recommendation"]
+    assert command == ["--levels", "2-3", "--model", "claude-haiku-4-5", "--seed", "3", "--max-steps", "40",
+                       "--max-tokens", "16000", "--runs", "10", "--max-cost", str(max(1, cap))]
     follow = main.parse_args([*command, "--out", str(tmp_path / "next")])  # the command parses, with every flag kept
-    assert (follow.levels, follow.model, follow.max_cost, follow.runs) == ([2, 3], s.opts.model, s.opts.max_cost, 10)
+    assert (follow.levels, follow.model, follow.runs) == ([2, 3], s.opts.model, 10)
+    assert follow.seed > max(run.seed for run in s.done)  # fresh instances: none of those measured
     report.print_summary(summary)
     out = capsys.readouterr().out
     assert "no_submission" in out and summary["recommendation"] in out
@@ -57,18 +63,33 @@ def test_a_sweep_interleaves_levels_and_recommends_where_the_band_falls(tmp_path
 @pytest.mark.parametrize("passes, expected", [
     ({5: 3, 6: 0}, "level 5 passes 30%, in the band, but its interval"),  # 3 of 10
     ({5: 10, 6: 9}, "every level passes above 40%, even level 6, the hardest there is"),
-    ({2: 0, 3: 0}, "every level passes below 10%; next: python main.py --levels 1-1"),
+    ({2: 0, 3: 0}, ("every level passes below 10%; its 10 runs cost about $5.00 at the measured $0.50 a run; "
+                    "next: python main.py --level 1 --runs 10 --max-cost 7")),
 ])
 def test_recommendations(passes, expected):
-    rows = [report.level_row(lv, [main.Run(i, i, lv, "pass" if i < n else "fail", "x") for i in range(10)],
+    assert expected in report.recommend(rows_of(passes), 10, [1, 2, 3, 4, 5, 6], "", 0.5, True)
+
+
+def rows_of(passes: dict[int, int]) -> list[dict]:
+    """Level rows of 10 runs each, with passes[level] passes."""
+    return [report.level_row(lv, [main.Run(i, i, lv, "pass" if i < n else "fail", "x") for i in range(10)],
                              sweeps.DEFAULT_MODEL, False) for lv, n in passes.items()]
-    assert expected in report.recommend(rows, 10, [1, 2, 3, 4, 5, 6])
+
+
+def test_the_next_command_caps_its_runs_at_the_cost_per_run_or_says_there_is_no_price():
+    rows = rows_of({2: 10, 3: 0})  # the band lies between: 20 more runs of each
+    estimated = report.recommend(rows, 10, [2, 3], " --seed 10", 0.54, False)
+    assert estimated.endswith("its 40 runs cost about $21.60 at the estimated $0.54 a run; next: python main.py "
+                              "--levels 2-3 --seed 10 --runs 20 --max-cost 27")  # a quarter more than $21.60
+    unpriced = report.recommend(rows, 10, [2, 3], "", None, False)
+    assert unpriced.endswith("no price is known for the model, so this sets no cap; next: python main.py --levels 2-3 "
+                             "--runs 20 --max-cost 0")
 
 
 def test_a_level_inside_the_band_is_recommended():
     row = report.level_row(6, [main.Run(i, i, 6, "pass" if i < 25 else "fail", "x") for i in range(100)],
                            sweeps.DEFAULT_MODEL, False)
-    assert report.recommend([row], 100, [6]).startswith("recommended level: 6 (25%")
+    assert report.recommend([row], 100, [6], "", 0.5, True).startswith("recommended level: 6 (25%")
 
 
 def test_the_spending_cap_stops_new_runs(tmp_path, capsys):
@@ -212,7 +233,7 @@ def test_report_html_holds_every_run_and_level_with_the_summary_numbers(tmp_path
     assert json.loads(parsed.summary) == summary
     for row in runs:
         transcript = tmp_path / f"run-{int(row[0].split()[1]):03d}" / "transcript.html"
-        assert transcript.read_text().count(f"{row[3].upper()}</span> <b>{row[4]}</b>") == 2  # at top and bottom
+        assert transcript.read_text().count(f"{row[3].upper()}</span> <b>{row[4]}</b>") == 1  # the grade, once
 
 
 def offline_sweep(*flags: str) -> subprocess.CompletedProcess:
@@ -273,6 +294,7 @@ def test_resume_with_keys_missing_from_config_uses_the_defaults(finished, capsys
 @pytest.mark.parametrize("flags, message", [(["--seed", "-1"], "non-negative"), (["--level", "12"], "invalid choice"),
                                             (["--runs", "0"], "--runs must be a positive integer"), (["--concurrency", "-2"], "positive"),
                                             (["--levels", "0-3"], "levels must lie in 1-11"),
+                                            (["--levels", "3-1"], "did you mean 1-3?"),
                                             (["--max-cost", "-1"], "--max-cost"), (["--max-cost", "nan"], "--max-cost"),
                                             (["--max-tokens", "64001"], "--max-tokens must be at most 64000")])
 def test_bad_flags_are_refused_with_a_clear_message(flags, message, capsys):
@@ -306,7 +328,12 @@ def test_an_output_path_that_cannot_be_made_is_a_clean_error(tmp_path, capsys):
     assert "--out" in capsys.readouterr().err
 
 
-def test_an_offline_summary_shows_no_pass_rate_or_band_verdict(tmp_path, capsys):
+def test_an_offline_summary_shows_no_pass_rate_band_verdict_or_model(tmp_path, capsys):
     assert main.main(["--offline", "--level", "1", "--out", str(tmp_path / "s")]) == 0
     out = capsys.readouterr().out.split("== summary ==")[1]
     assert "rate" not in out.split("\n")[1] and "band" not in out and "no level is recommended" in out
+    summary = json.loads((tmp_path / "s" / "summary.json").read_text())
+    assert summary["model"] == "scripted" and summary["runs_per_level"] is None
+    assert summary["pass_rate"] is summary["wilson_95"] is summary["in_target_band"] is None
+    assert all(row["rate"] is row["wilson_95"] is row["overlaps_band"] is None for row in summary["levels"])
+    assert sweeps.DEFAULT_MODEL not in json.dumps(summary) and summary["graded"] == 4 and summary["passes"] == 1
