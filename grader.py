@@ -119,8 +119,8 @@ def max_error(model: target_model.Model, drawn: list) -> float:  # over (tokens,
 def main() -> None:
     parser = argparse.ArgumentParser(description="Grade a converted checkpoint; exit 0 on pass, 1 on fail.")
     parser.add_argument("submission")
-    parser.add_argument("--level", type=int, required=True, choices=sorted(LEVELS))
-    parser.add_argument("--seed", type=non_negative, required=True)
+    parser.add_argument("--level", type=int, required=True, choices=sorted(LEVELS), help="the instance's level")
+    parser.add_argument("--seed", type=non_negative, required=True, help="the instance's seed")
     a = parser.parse_args()
     g = grade(a.submission, a.level, a.seed)
     print(f"{'PASS' if g.passed else 'FAIL'} {g.label}: {g.detail}")

@@ -123,8 +123,9 @@ TOOLS = [
 def main() -> None:
     parser = argparse.ArgumentParser(description="Write a task instance and print its prompt.")
     parser.add_argument("--workspace", required=True, help="directory to write the instance into")
-    parser.add_argument("--level", type=int, default=DEFAULT_LEVEL, choices=sorted(LEVELS))
-    parser.add_argument("--seed", type=non_negative, default=0)
+    parser.add_argument("--level", type=int, default=DEFAULT_LEVEL, choices=sorted(LEVELS),
+                        help=f"the features in play (default {DEFAULT_LEVEL}; docs/levels.md)")
+    parser.add_argument("--seed", type=non_negative, default=0, help="draws the level's conventions and weights (default 0)")
     parser.add_argument("--max-steps", type=int, default=DEFAULT_MAX_STEPS)
     parser.add_argument("--replace", action="store_true", help="clear a workspace that already holds files")
     a = parser.parse_args()
