@@ -61,28 +61,39 @@ def test_never_a_combination_megatron_refuses():
             assert d["group_query_attention"] or d["num_query_groups"] == d["num_attention_heads"]  # training overwrites it
 
 
-def first_seed(level: int, key: str, value) -> int:
-    return next(s for s in range(200) if {**make_instance(level, s).args, **{
-        "config." + k: v for k, v in make_instance(level, s).config.items()}}.get(key) == value)
+def first_seed(level: int, **wanted) -> int:
+    """The first seed whose flags and config (config keys as config_KEY) have the wanted values."""
+    for seed in range(200):
+        inst = make_instance(level, seed)
+        seen = inst.args | {"config_" + k: v for k, v in inst.config.items()}
+        if all(seen.get(k) == v for k, v in wanted.items()):
+            return seed
+    raise LookupError(wanted)
 
 
 # Each branch a draw can take, at a level that draws it: the reference passes, so the original model,
 # its files, the conversion and the runtime agree on it (swap a branch in one of them and this fails).
-BRANCHES = [(2, "rotary_interleaved", True), (2, "rotary_interleaved", False), (2, "config.rope_interleave", True),
-            (2, "config.rope_interleave", False), (1, "group_query_attention", False), (1, "num_query_groups", 1),
-            (1, "untie_embeddings_and_output_weights", False), (6, "untie_embeddings_and_output_weights", False),
-            (3, "normalization", "LayerNorm"), (3, "layernorm_zero_centered_gamma", True),
-            (3, "config.norm_weight_offset", True), (3, "config.scale_embeddings", True), (3, "rotary_percent", 0.5),
-            (7, "moe_router_score_function", "sigmoid"), (7, "moe_router_enable_expert_bias", True),
-            (7, "moe_router_pre_softmax", True), (7, "moe_router_topk_scaling_factor", None),
-            (7, "moe_shared_expert_gate", False), (7, "moe_grouped_gemm", False),
-            (7, "moe_use_legacy_grouped_gemm", False), (8, "moe_router_enable_expert_bias", True),
-            (8, "moe_grouped_gemm", False), (10, "attention_output_gate", False)]
+BRANCHES = [(2, {"rotary_interleaved": True}), (2, {"rotary_interleaved": False}), (2, {"config_rope_interleave": True}),
+            (2, {"config_rope_interleave": False}), (1, {"group_query_attention": False}), (1, {"num_query_groups": 1}),
+            (1, {"untie_embeddings_and_output_weights": False}), (6, {"untie_embeddings_and_output_weights": False}),
+            (3, {"normalization": "LayerNorm"}), (3, {"layernorm_zero_centered_gamma": True}),
+            (3, {"config_norm_weight_offset": True}), (3, {"config_scale_embeddings": True}), (3, {"rotary_percent": 0.5}),
+            (3, {"qk_layernorm": True, "rotary_interleaved": True, "config_rope_interleave": False}),
+            (7, {"moe_router_score_function": "sigmoid", "moe_router_enable_expert_bias": True}),
+            (7, {"moe_router_score_function": "sigmoid", "moe_router_enable_expert_bias": False}),
+            (7, {"moe_router_score_function": "softmax", "moe_router_pre_softmax": True}),
+            (7, {"moe_router_score_function": "softmax", "moe_router_pre_softmax": False}),
+            (7, {"moe_router_topk_scaling_factor": None}), (7, {"config_scoring_func": "softmax", "config_norm_topk_prob": True,
+                                                             "moe_router_topk_scaling_factor": 2.0}),
+            (7, {"moe_shared_expert_gate": False}), (7, {"moe_shared_expert_gate": True}),
+            (7, {"moe_grouped_gemm": False}), (7, {"moe_grouped_gemm": True, "moe_use_legacy_grouped_gemm": False}),
+            (7, {"moe_use_legacy_grouped_gemm": True}), (8, {"moe_router_enable_expert_bias": True}),
+            (8, {"moe_grouped_gemm": False}), (10, {"attention_output_gate": False})]
 
 
-@pytest.mark.parametrize("level, key, value", BRANCHES)
-def test_each_drawn_branch_passes_its_reference(level, key, value, save):
-    seed = first_seed(level, key, value)
+@pytest.mark.parametrize("level, wanted", BRANCHES)
+def test_each_drawn_branch_passes_its_reference(level, wanted, save):
+    seed = first_seed(level, **wanted)
     g = grade(save(reference(level, seed)), level, seed)
     assert g.passed, (seed, g)
 
