@@ -127,25 +127,28 @@ def read_values(files: Files, args: dict, optimizer: Files | None, mistake: str 
     return decoded
 
 
+# Drawn yes/no conventions, by the mistake that reads them the other way: (in megatron_args.json?, key).
+FLAGS = {"zero_centered_norm": (True, "layernorm_zero_centered_gamma"),
+         "untied_output": (True, "untie_embeddings_and_output_weights"),
+         "expert_bias": (True, "moe_router_enable_expert_bias"), "norm_offset": (False, "norm_weight_offset"),
+         "embed_scale": (False, "scale_embeddings")}
+
+
 def flipped(args: dict, config: dict, mistake: str | None) -> tuple[dict, dict]:
     """The flags and runtime config as a converter that reads one drawn convention the other way
     sees them: the wrong conversion of that convention is the right one for this misreading."""
+    if mistake in FLAGS:
+        in_args, key = FLAGS[mistake]
+        return (args | {key: not args[key]}, config) if in_args else (args, config | {key: not config[key]})
     if mistake == "rope_layout":  # the familiar interleaved -> halves step where the layouts match, none where not
         matching = args["rotary_interleaved"] == config["rope_interleave"]
         wrong_args, wrong_config = ({"rotary_interleaved": True}, {"rope_interleave": False}) if matching else \
             ({}, {"rope_interleave": args["rotary_interleaved"]})
         return args | wrong_args, config | wrong_config
-    if mistake in ("zero_centered_norm", "untied_output", "expert_bias"):
-        flag = {"zero_centered_norm": "layernorm_zero_centered_gamma",
-                "untied_output": "untie_embeddings_and_output_weights", "expert_bias": "moe_router_enable_expert_bias"}
-        return args | {flag[mistake]: not args[flag[mistake]]}, config
-    if mistake in ("norm_offset", "embed_scale"):
-        key = {"norm_offset": "norm_weight_offset", "embed_scale": "scale_embeddings"}[mistake]
-        return args, config | {key: not config[key]}
     if mistake == "router_scaling":  # the factor taken as the runtime's own where it is not, or the reverse
         factor = args["moe_router_topk_scaling_factor"] or 1.0
-        return args, config | {"routed_scaling_factor": 1.0 if config.get("routed_scaling_factor", 1.0) == factor
-                               else factor}
+        runtime_applies = config.get("routed_scaling_factor", 1.0) == factor
+        return args, config | {"routed_scaling_factor": 1.0 if runtime_applies else factor}
     return args, config
 
 
