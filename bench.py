@@ -1,10 +1,12 @@
 """Benchmarks, measured side by side in one run (not a test): `python bench.py`.
 
-Prints the sandbox's call and start-up costs, the harness's overhead per step and its
-wall time under simulated API latency, and the grading time per submission.
+Prints the grading time per submission, in process and in grade()'s bounded child, the
+sandbox's call and start-up costs, and the harness's overhead per step and its wall time
+under simulated API latency.
 """
 import argparse
 import asyncio
+import resource
 import statistics
 import subprocess
 import sys
@@ -17,10 +19,10 @@ import numpy as np
 import conversions
 import main
 from conversions import convert
-from grader import grade
+from grader import grade, grade_in_process
 from scripted_api import ScriptedClient, reply, text, tool_use
 from sweep import Sweep
-from task import CALL_TIMEOUT_S, make_instance, write_workspace
+from task import CALL_TIMEOUT_S, LEVELS, make_instance, write_workspace
 from tools import Sandbox, bwrap_usable
 
 
@@ -98,14 +100,22 @@ def bench_harness(tmp: Path, isolated: bool) -> None:
 
 
 def bench_grading(tmp: Path) -> None:
-    print("== grading ==")
-    for level in (1, 5, 7, 8, 10):
+    """grade(), which grades in a bounded child process, beside grade_in_process in this one (as main.py,
+    the Inspect scorer and the Harbor verifier graded before). Run first: the peak is of grading children alone."""
+    print("== grading: in this process, and in grade()'s bounded child process ==")
+    slowest = 0.0
+    for level in sorted(LEVELS):
         inst = make_instance(level, 0)
         for mistake in (None, "rope_permutation" if level > 1 else "qkv_split"):
             path = tmp / f"sub-{level}-{mistake}.npz"
             np.savez(path, **convert(inst.files, inst.args, inst.config, mistake, inst.optimizer))
-            seconds = median_seconds(lambda p=path, lv=level: grade(p, lv, 0), 5)
-            print(f"level {level}, {mistake or 'reference'} submission: {seconds * 1e3:8.1f} ms")
+            here, child = (median_seconds(lambda f=f, p=path, lv=level: f(p, lv, 0), 5)
+                           for f in (grade_in_process, grade))
+            slowest = max(slowest, child)
+            print(f"level {level:>2}, {mistake or 'reference':<16} in process {here * 1e3:6.1f} ms, "
+                  f"child {child * 1e3:6.1f} ms ({(child - here) * 1e3:+6.1f} ms, {child / here:4.2f}x)")
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss >> 10
+    print(f"slowest grade(): {slowest * 1e3:.0f} ms; a grading child's peak RSS: {peak} MiB")
 
 
 def bench_solution_in_sandbox(tmp: Path, isolated: bool) -> None:
@@ -142,9 +152,9 @@ def run_benchmarks() -> None:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         (tmp / "ws").mkdir()
+        bench_grading(tmp)
         bench_sandbox(tmp / "ws", isolated)
         bench_harness(tmp, isolated)
-        bench_grading(tmp)
         bench_solution_in_sandbox(tmp, isolated)
 
 

@@ -63,7 +63,7 @@ def permute_heads(w: dict, config: dict, group_perm: np.ndarray, rng) -> dict:
 
 
 @pytest.mark.parametrize("level", [1, 2, 4])
-def test_equivalent_conversions_pass(level, save):
+def test_equivalent_conversions_pass(level, save, tmp_path):
     inst, rng = make_instance(level, 5), np.random.default_rng(0)
     ref = reference(level, 5)
     groups = inst.config["num_key_value_heads"]
@@ -76,6 +76,8 @@ def test_equivalent_conversions_pass(level, save):
     for weights in (within, across, float32, extra):
         g = grade(save(weights), level, 5)
         assert g.passed, g
+    np.savez_compressed(tmp_path / "compressed.npz", **float32)  # deflated members
+    assert grade(tmp_path / "compressed.npz", level, 5).passed
 
 
 def test_source_weights_under_their_own_names_fail(save):
