@@ -3,6 +3,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from conftest import bz2_bomb
 
 inspect_ai = pytest.importorskip("inspect_ai", reason="the optional extra: pip install '.[inspect]'")
 from inspect_ai import eval as inspect_eval
@@ -55,3 +56,15 @@ def test_the_inspect_task_grades_with_the_projects_grader(tmp_path):
     sent = {t.name: t.description for t in model_calls[0].tools}
     assert sent == {t["name"]: t["description"] for t in task.TOOLS}  # the same tools, limits stated alike
     assert not list(Path(tempfile.gettempdir()).glob("megatron-port-L1-s[0-2]-*"))  # every workspace removed
+
+
+def test_the_inspect_scorer_fails_a_decompression_bomb(tmp_path):
+    """The 2 KiB bz2 bomb (3 GiB inflated) written and submitted: a scored failure with its label."""
+    write = f"open('bomb.npz', 'wb').write(bytes.fromhex({bz2_bomb().hex()!r}))"
+    outputs = calls(("python", {"code": write}), ("submit", {"path": "bomb.npz"}))
+    [log] = inspect_eval(megatron_port(level=1, seeds="0"), model="mockllm/model",
+                         model_args={"custom_outputs": outputs}, log_dir=str(tmp_path), display="none")
+    assert log.status == "success", log.error
+    [sample] = read_eval_log(log.location).samples
+    score = sample.scores["graded"]
+    assert (score.value, score.metadata["label"]) == (0, "unreadable") and "zip method 12" in score.explanation
