@@ -24,7 +24,7 @@ class Grade:
     detail: str = ""
 
 
-MEMORY_BYTES = 2 * 2**30  # the child's address space; grading peaks at about 0.25 GiB of it
+MEMORY_BYTES = 2 * 2**30  # the child's address space; grading peaks below 0.2 GiB of it
 CPU_SECONDS = 30  # grading takes under 0.5 s (bench.py)
 WAIT_SECONDS = 600  # wall clock, for a child that waits instead of computing (none should)
 OUT_OF_MEMORY = 3  # the child's exit status when an allocation failed under MEMORY_BYTES
