@@ -1,10 +1,12 @@
 """Benchmarks, measured side by side in one run (not a test): `python bench.py`.
 
 Prints the sandbox's call and start-up costs, the harness's overhead per step and its
-wall time under simulated API latency, and the grading time per submission.
+wall time under simulated API latency, and the grading time per submission, in process
+and in grade()'s bounded child.
 """
 import argparse
 import asyncio
+import resource
 import statistics
 import subprocess
 import sys
@@ -17,20 +19,29 @@ import numpy as np
 import conversions
 import main
 from conversions import convert
-from grader import grade
+from grader import grade, grade_in_process
 from scripted_api import ScriptedClient, reply, text, tool_use
 from sweep import Sweep
-from task import CALL_TIMEOUT_S, make_instance, write_workspace
+from task import CALL_TIMEOUT_S, LEVELS, make_instance, write_workspace
 from tools import Sandbox, bwrap_usable
 
 
 def median_seconds(fn, repeat: int) -> float:
-    times = []
+    return median_wall_and_cpu(fn, repeat)[0]
+
+
+def median_wall_and_cpu(fn, repeat: int) -> tuple[float, float]:
+    """Median wall and CPU seconds of fn(). CPU time counts every thread of this process and the children it
+    waited for: unlike wall time, it hardly moves when other work shares the machine."""
+    def cpu() -> float:
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return time.process_time() + children.ru_utime + children.ru_stime
+    runs = []
     for _ in range(repeat):
-        start = time.perf_counter()
+        wall, cpu_start = time.perf_counter(), cpu()
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        runs.append((time.perf_counter() - wall, cpu() - cpu_start))
+    return statistics.median(w for w, _ in runs), statistics.median(c for _, c in runs)
 
 
 def bench_sandbox(tmp: Path, isolated: bool) -> None:
@@ -98,14 +109,22 @@ def bench_harness(tmp: Path, isolated: bool) -> None:
 
 
 def bench_grading(tmp: Path) -> None:
-    print("== grading ==")
-    for level in (1, 5, 7, 8, 10):
+    """grade(), which grades in a bounded child process, beside grade_in_process in this one (as main.py,
+    the Inspect scorer and the Harbor verifier graded before)."""
+    print("== grading, wall (CPU) ms: in this process, and in grade()'s bounded child process ==")
+    slowest = 0.0
+    for level in sorted(LEVELS):
         inst = make_instance(level, 0)
         for mistake in (None, "rope_layout" if level > 1 else "qkv_split"):
             path = tmp / f"sub-{level}-{mistake}.npz"
             np.savez(path, **convert(inst.files, inst.args, inst.config, mistake, inst.optimizer))
-            seconds = median_seconds(lambda p=path, lv=level: grade(p, lv, 0), 5)
-            print(f"level {level}, {mistake or 'reference'} submission: {seconds * 1e3:8.1f} ms")
+            (here, here_cpu), (child, child_cpu) = (median_wall_and_cpu(lambda f=f, p=path, lv=level: f(p, lv, 0), 9)
+                                                    for f in (grade_in_process, grade))
+            slowest = max(slowest, child)
+            print(f"level {level:>2}, {mistake or 'reference':<16} in process {here * 1e3:6.1f} "
+                  f"({here_cpu * 1e3:6.1f}), child {child * 1e3:6.1f} ({child_cpu * 1e3:6.1f}): "
+                  f"{child / here:4.2f}x wall, {(child_cpu - here_cpu) * 1e3:+6.1f} ms CPU")
+    print(f"slowest grade(): {slowest * 1e3:.0f} ms")
 
 
 def bench_solution_in_sandbox(tmp: Path, isolated: bool) -> None:

@@ -3,6 +3,7 @@
 The original model is rebuilt from (level, seed), never read from the workspace; the
 runtime is the project's own data/target_model.py. The submission is validated before any
 array is loaded, then both models run on token sequences drawn fresh for this grading.
+grade() does all of that in a child process bounded in memory and CPU time (bounded.py).
 """
 import argparse
 import hashlib
@@ -10,25 +11,16 @@ import os
 import stat
 import sys
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from bounded import Grade, run_child, serve_child
 from conversions import convert
 from data import target_model
 from diagnosis import explain_failure
 from instances import make_instance, original_logits, token_sequences
 from task import LEVELS, MAX_SUBMISSION_BYTES, TOLERANCE, non_negative
-
-
-@dataclass
-class Grade:
-    passed: bool
-    label: str  # "pass", a convention that was got wrong, or why the file was refused
-    max_error: float | None = None  # worst |logit difference|, once the file was valid
-    detail: str = ""
-
 
 PRECISION_SLACK = 2.0  # a float16 file no mistake explains, missing by at most this times the float16 reference
 
@@ -49,11 +41,14 @@ def read_submission(path: Path, shapes: dict[str, tuple[int, ...]]) -> dict[str,
             raise Invalid("unreadable", "the file does not start as a zip archive, so np.load would not open it")
         with zipfile.ZipFile(path) as zf:
             members = {info.filename: info for info in zf.infolist()}
-            unpacked = sum(info.file_size for info in zf.infolist())
-            if unpacked > MAX_SUBMISSION_BYTES:
+            if (unpacked := sum(info.file_size for info in zf.infolist())) > MAX_SUBMISSION_BYTES:
                 raise Invalid("too_large", f"archive unpacks to {unpacked} bytes, limit {MAX_SUBMISSION_BYTES}")
+            # Stored or deflated, as np.savez and np.savez_compressed write: zipfile's deflate yields no more than a
+            # member declares; its bzip2 (method 12) would inflate a whole member to read its first bytes.
+            if odd := [(i.filename, i.compress_type) for i in zf.infolist() if i.compress_type not in (0, 8)]:
+                raise Invalid("unreadable", "{}: zip method {}, not stored (0) or deflated (8)".format(*odd[0]))
             return {name: read_member(zf, members, name, shape) for name, shape in shapes.items()}
-    except Invalid:
+    except (Invalid, MemoryError):  # MemoryError: the bound of the process grading it (bounded.py)
         raise
     except Exception as e:  # noqa: BLE001 -- whatever os, zipfile, its decompressors or numpy's header parser raise
         raise Invalid("unreadable", f"not a readable .npz archive: {type(e).__name__}: {e}")
@@ -68,10 +63,9 @@ def read_member(zf: zipfile.ZipFile, members: dict, name: str, shape: tuple[int,
         if other and any(m.startswith(f"model.layers.{layer}.{other}.") for m in members):
             raise Invalid("layer_pattern", f"layer {layer} holds {other} weights where the runtime reads {mixer}")
         raise Invalid("missing_key", f"{name} is missing")
-    with zf.open(member) as f:
-        version = np.lib.format.read_magic(f)
-        header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        got_shape, _, dtype = header(f)
+    with zf.open(member) as f:  # zipfile yields no more of a member than its declared size
+        v1 = np.lib.format.read_magic(f) == (1, 0)
+        got_shape, _, dtype = (np.lib.format.read_array_header_1_0 if v1 else np.lib.format.read_array_header_2_0)(f)
     if got_shape != shape:
         raise Invalid("bad_shape", f"{name} has shape {got_shape}, expected {shape}")
     if dtype.kind != "f" or dtype.itemsize > 8:
@@ -83,7 +77,13 @@ def read_member(zf: zipfile.ZipFile, members: dict, name: str, shape: tuple[int,
     return array
 
 
+# The one way to grade: grade_in_process in a child process bounded in memory and CPU time (bounded.py),
+# so that no file can take the caller's memory; a bound it hits is a failing Grade that names it.
 def grade(submission: str | Path, level: int, seed: int) -> Grade:
+    return run_child([sys.executable, __file__, f"--level={level}", f"--seed={seed}", "--child", "--", str(submission)])
+
+
+def grade_in_process(submission: str | Path, level: int, seed: int) -> Grade:
     inst = make_instance(level, seed)
     try:
         stored = read_submission(Path(submission), target_model.expected_shapes(inst.config))
@@ -121,7 +121,10 @@ def main() -> None:
     parser.add_argument("submission")
     parser.add_argument("--level", type=int, required=True, choices=sorted(LEVELS), help="the instance's level")
     parser.add_argument("--seed", type=non_negative, required=True, help="the instance's seed")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # how grade() runs this file
     a = parser.parse_args()
+    if a.child:
+        return serve_child(lambda: grade_in_process(a.submission, a.level, a.seed))
     g = grade(a.submission, a.level, a.seed)
     print(f"{'PASS' if g.passed else 'FAIL'} {g.label}: {g.detail}")
     sys.exit(0 if g.passed else 1)

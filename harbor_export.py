@@ -28,7 +28,7 @@ from grader import Grade, grade
 ROOT = Path(__file__).resolve().parent
 GRADED_FILE = "/app/converted.npz"
 # What the grader needs in the verifier image: the grader, the instance generator and both models.
-GRADER_FILES = ["grader.py", "task.py", "instances.py", "diagnosis.py", "conversions.py", "harbor_export.py", "data/__init__.py",
+GRADER_FILES = ["grader.py", "bounded.py", "task.py", "instances.py", "diagnosis.py", "conversions.py", "harbor_export.py", "data/__init__.py",
                 "data/source_model.py", "data/source_gdn.py", "data/target_model.py", "data/megatron_checkpoint.py"]
 BASE_IMAGE = "python:3.11-slim-bookworm"  # the Python line the project is tested on
 AGENT_TIMEOUT_S = 3600  # our own loop allows 40 replies with up to 60 s of tool time each

@@ -78,11 +78,11 @@ Your working directory holds:
 {goal}
 
 How the submission is graded:
-- The file must be a numpy .npz archive (np.savez or np.savez_compressed, loaded with
-  allow_pickle=False) of at most {MAX_SUBMISSION_BYTES >> 20} MiB, unpacked size included. It must hold
-  every tensor in target_model.expected_shapes(config), at exactly that shape, with a
-  floating-point dtype (float16, float32 or float64) and only finite values. Other keys are
-  ignored.
+- The file must be a numpy .npz archive (np.savez or np.savez_compressed: members stored or
+  deflated; loaded with allow_pickle=False) of at most {MAX_SUBMISSION_BYTES >> 20} MiB, unpacked size included.
+  It must hold every tensor in target_model.expected_shapes(config), at exactly that shape,
+  with a floating-point dtype (float16, float32 or float64) and only finite values. Other
+  keys are ignored.
 - The grader loads it with its own pristine copies of target_model.py and config.json
   (changes to the copies in your working directory have no effect) and runs forward on
   token sequences drawn at grading time, seeded by the submitted file's bytes (the same file

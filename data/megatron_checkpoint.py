@@ -7,17 +7,16 @@ the order of the saved state dict: a module's own parameters, then its Transform
 `_extra_state` (not a parameter), then its submodules' entries, in the order they were
 registered. Without the extra states that is the order of named_parameters().
 """
-import pickle
-
 import numpy as np
 
 from conversions import Files, buffers
 from data.source_model import chunks, linear_attention, ranks
 
-# TE's extra state with FP8 off: modules (TransformerEngineBaseModule.get_extra_state) save an empty
-# uint8 tensor; fusible ops, which TE's norms are (ops/op.py BasicOperation.get_extra_state), save
-# their pickled empty state dict as uint8 bytes.
-TE_MODULE_STATE, TE_NORM_STATE = np.zeros(0, np.uint8), np.frombuffer(pickle.dumps({}, protocol=4), np.uint8)
+# TE's extra state with FP8 off is an empty uint8 tensor for every module, norms included: modules'
+# (TransformerEngineBaseModule.get_extra_state) and, since TE 2.9 (PR #2253), fusible ops', which TE's
+# norms are (ops/op.py BasicOperation.get_extra_state; before, the pickled empty dict). Megatron-LM
+# 77a00ec1c9 asks for transformer-engine>=2.9.0a0,<2.12.0 (its pyproject.toml's dev extra).
+TE_MODULE_STATE = TE_NORM_STATE = np.zeros(0, np.uint8)
 
 
 def float_to_bf16(x: np.ndarray) -> np.ndarray:

@@ -79,7 +79,7 @@ def permute_heads(w: dict, config: dict, group_perm: np.ndarray, rng) -> dict:
 
 
 @pytest.mark.parametrize("level, seed", [(1, 1), (2, 0), (4, 5)])  # grouped-query attention: heads share kv heads
-def test_equivalent_conversions_pass(level, seed, save):
+def test_equivalent_conversions_pass(level, seed, save, tmp_path):
     inst, rng = make_instance(level, seed), np.random.default_rng(0)
     ref = reference(level, seed)
     groups = inst.config["num_key_value_heads"]
@@ -92,6 +92,8 @@ def test_equivalent_conversions_pass(level, seed, save):
     for weights in (within, across, float32, extra):
         g = grade(save(weights), level, seed)
         assert g.passed, g
+    np.savez_compressed(tmp_path / "compressed.npz", **float32)  # deflated members
+    assert grade(tmp_path / "compressed.npz", level, seed).passed
 
 
 def test_source_weights_under_their_own_names_fail(save):

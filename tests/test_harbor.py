@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import bz2_bomb
 from test_no_answer_key import ANSWER_KEY
 from test_tools import needs_bwrap
 
@@ -116,6 +117,17 @@ def test_a_wrong_conversion_scores_zero_with_its_label(exported, tmp_path):
     out = run_agent_then_verifier(task_dir, tmp_path, solve)
     assert out["txt"] == "0\n" and out["json"]["reward"] == 0 and out["json"]["max_error"] > 1
     assert out["grade"]["label"] == "conv_channels"
+
+
+@needs_bwrap
+def test_a_decompression_bomb_scores_zero_with_its_label(exported, tmp_path):
+    """The 2 KiB bz2 bomb (3 GiB inflated) as the artifact, graded in the verifier's container."""
+    task_dir = tmp_path / "task"
+    shutil.copytree(exported[0], task_dir)
+    (task_dir / "solution" / "bomb.npz").write_bytes(bz2_bomb())
+    out = run_agent_then_verifier(task_dir, tmp_path, ["cp", "/solution/bomb.npz", GRADED_FILE])
+    assert out["txt"] == "0\n" and out["json"] == {"reward": 0}
+    assert out["grade"]["label"] == "unreadable" and "zip method 12" in out["grade"]["detail"]
 
 
 @needs_bwrap

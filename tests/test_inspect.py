@@ -5,6 +5,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from conftest import bz2_bomb
 
 inspect_ai = pytest.importorskip("inspect_ai", reason="the optional extra: pip install '.[inspect]'")
 from inspect_ai import eval as inspect_eval
@@ -77,3 +78,15 @@ def test_python_inspect_task_help_says_how_to_run_it(hide):
     r = subprocess.run([sys.executable, "-c", run, "--help"], cwd=ROOT, capture_output=True, text=True, check=False)
     assert "inspect eval inspect_task.py" in r.stdout + r.stderr and "Traceback" not in r.stderr
     assert (r.returncode, "pip install '.[inspect]' first" in r.stderr) == ((0, False) if not hide else (1, True))
+
+
+def test_the_inspect_scorer_fails_a_decompression_bomb(tmp_path):
+    """The 2 KiB bz2 bomb (3 GiB inflated) written and submitted: a scored failure with its label."""
+    write = f"open('bomb.npz', 'wb').write(bytes.fromhex({bz2_bomb().hex()!r}))"
+    outputs = calls(("python", {"code": write}), ("submit", {"path": "bomb.npz"}))
+    [log] = inspect_eval(megatron_port(level=1, seeds="0"), model="mockllm/model",
+                         model_args={"custom_outputs": outputs}, log_dir=str(tmp_path), display="none")
+    assert log.status == "success", log.error
+    [sample] = read_eval_log(log.location).samples
+    score = sample.scores["graded"]
+    assert (score.value, score.metadata["label"]) == (0, "unreadable") and "zip method 12" in score.explanation

@@ -1,14 +1,20 @@
 """Reward integrity: whatever file is submitted, grading returns a Grade, the same one every time."""
 import io
+import json
 import struct
+import subprocess
+import sys
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import reference
+from conftest import bz2_bomb, reference, set_header_field
 
 from grader import grade
 from task import TOLERANCE, make_instance
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def archive(weights: dict, compression: int = zipfile.ZIP_STORED) -> bytes:
@@ -20,27 +26,6 @@ def archive(weights: dict, compression: int = zipfile.ZIP_STORED) -> bytes:
             np.save(member, array)
             zf.writestr(name + ".npy", member.getvalue())
     return buf.getvalue()
-
-
-def set_flag(data: bytes, flag: int) -> bytes:
-    """Set a general-purpose flag bit in every local and central header."""
-    data = bytearray(data)
-    for signature, offset in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
-        at = data.find(signature)
-        while at >= 0:
-            data[at + offset:at + offset + 2] = struct.pack("<H", struct.unpack_from("<H", data, at + offset)[0] | flag)
-            at = data.find(signature, at + 4)
-    return bytes(data)
-
-
-def set_method(data: bytes, method: int) -> bytes:
-    data = bytearray(data)
-    for signature, offset in ((b"PK\x03\x04", 8), (b"PK\x01\x02", 10)):
-        at = data.find(signature)
-        while at >= 0:
-            data[at + offset:at + offset + 2] = struct.pack("<H", method)
-            at = data.find(signature, at + 4)
-    return bytes(data)
 
 
 def corrupt_first_stream(data: bytes) -> bytes:
@@ -59,8 +44,8 @@ def ref() -> dict:
 
 
 @pytest.mark.parametrize("make", [
-    lambda w: set_flag(archive(w), 0x1),  # encrypted: zipfile raises RuntimeError
-    lambda w: set_method(archive(w), 99),  # unknown compression: NotImplementedError
+    lambda w: set_header_field(archive(w), "flags", 0x1, bits=True),  # encrypted: zipfile raises RuntimeError
+    lambda w: set_header_field(archive(w), "method", 99),  # unknown compression: NotImplementedError
     lambda w: corrupt_first_stream(archive(w, zipfile.ZIP_DEFLATED)),  # zlib.error
     lambda w: corrupt_first_stream(archive(w, zipfile.ZIP_LZMA)),  # lzma.LZMAError
     lambda w: corrupt_first_stream(archive(w, zipfile.ZIP_BZIP2)),  # OSError from bz2
@@ -181,3 +166,45 @@ def test_an_equivalent_conversion_stored_too_coarsely_is_precision_too(save):
     moved = permute_heads(reference(5, 505), inst.config, np.roll(np.arange(inst.config["num_key_value_heads"]), 1), rng)
     g = grade(save({k: v.astype(np.float16) for k, v in moved.items()}), 5, 505)
     assert (g.passed, g.label) == (False, "precision"), g
+
+
+@pytest.mark.parametrize("method", [zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA])
+def test_only_stored_and_deflated_members_are_read(method, ref, tmp_path):
+    """What np.savez and np.savez_compressed write passes; the same tensors compressed otherwise are refused,
+    the method named."""
+    path = tmp_path / "sub.npz"
+    for compression in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        path.write_bytes(archive(ref, compression))
+        assert grade(path, 1, 0).passed
+    path.write_bytes(archive(ref, method))
+    g = grade(path, 1, 0)
+    assert (g.passed, g.label) == (False, "unreadable") and f"zip method {method}," in g.detail, g
+
+
+def test_a_member_yields_no_more_than_its_declared_size(ref, tmp_path):
+    """Defence in depth: a deflated member holding a whole valid tensor but declaring 1000 bytes yields 1000
+    bytes (whose CRC then fails), so what members inflate to is bounded by what the archive declares (64 MiB
+    at most). Read in full, these members would pass."""
+    path = tmp_path / "sub.npz"
+    path.write_bytes(set_header_field(archive(ref, zipfile.ZIP_DEFLATED), "size", 1000))
+    g = grade(path, 1, 0)
+    assert (g.passed, g.label) == (False, "unreadable"), g
+
+
+def test_a_bz2_bomb_fails_at_once_and_the_caller_of_grade_stays_small(tmp_path):
+    """2 KiB that inflate to 3 GiB while declaring 1000 bytes: zipfile's bzip2 inflates a member whole to read
+    its first bytes, and `python grader.py` once peaked at 6 GiB on such a file. grade(), called twice in a
+    fresh Python: the same labelled fail both times, fast, and that process's own peak memory stays small."""
+    path = tmp_path / "bomb.npz"
+    path.write_bytes(bz2_bomb())
+    code = ("import json, resource, sys, time\nfrom grader import grade\nstart = time.perf_counter()\n"
+            "grades = [vars(grade(sys.argv[1], 1, 0)) for _ in range(2)]\n"
+            "print(json.dumps({'grades': grades, 'seconds': time.perf_counter() - start,\n"
+            "                  'peak_kib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))")
+    r = subprocess.run([sys.executable, "-c", code, str(path)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120, check=True)
+    out = json.loads(r.stdout)
+    first, second = out["grades"]
+    assert first == second and (first["passed"], first["label"]) == (False, "unreadable"), first
+    assert "zip method 12," in first["detail"]
+    assert out["seconds"] < 10 and out["peak_kib"] < 300 * 1024, out

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import anthropic
 import pytest
+from conftest import bz2_bomb
 
 import main
 import report
 import sweep as sweeps
 import tools
-from conversions import MISTAKES
 from scripted_api import (
     ScriptedClient,
     connection_error,
@@ -308,6 +308,19 @@ def test_a_harness_crash_is_recorded_and_other_runs_finish(tmp_path, monkeypatch
     assert by_id[1].outcome == "pass"
 
 
+def test_a_decompression_bomb_fails_its_run_and_the_other_runs_finish(tmp_path):
+    """The model writes the 2 KiB bz2 bomb (3 GiB inflated) and submits it, beside a run that passes."""
+    opts = main.parse_args(["--level", "1", "--out", str(tmp_path), "--concurrency", "2"])
+    write = f"open('bomb.npz', 'wb').write(bytes.fromhex({bz2_bomb().hex()!r}))"
+    bomb = [reply(tool_use("python", {"code": write})), reply(tool_use("submit", {"path": "bomb.npz"}))]
+    sweep = Sweep(opts, 2, "test")
+    asyncio.run(main.run_all([main.Run(0, 0, 1), main.Run(1, 1, 1)],
+                             [ScriptedClient(bomb), ScriptedClient(conversion_script(None))], opts, ISOLATE, sweep))
+    by_id = {r.run_id: r for r in sweep.done}
+    assert (by_id[0].outcome, by_id[0].label) == ("fail", "unreadable") and "zip method 12" in by_id[0].detail
+    assert (by_id[1].outcome, by_id[1].label) == ("pass", "pass")
+
+
 def test_step_budget_runs_out(tmp_path):
     steps = [reply(tool_use("python", {"code": "1"})) for _ in range(5)]
     run, client = run_script(tmp_path, steps, "--max-steps", "3")
@@ -427,10 +440,8 @@ def test_hostile_tool_inputs_and_files_end_as_a_labelled_fail_not_an_error(tmp_p
 
 
 def test_run_lines_keep_one_column_for_steps_whatever_the_label():
-    ends = [("pass", "pass"), ("fail", "shared_expert_scaling"), ("stopped", "spending_cap"), ("error", "ungradable")]
-    lines = [report.run_line(main.Run(0, 0, 7, outcome, label)) for outcome, label in ends]
+    lines = [report.run_line(main.Run(0, 0, 7, outcome, label)) for label, outcome in report.RUN_LABELS.items()]
     assert len({line.index(" steps ") for line in lines}) == 1
-    assert all(len(label) <= report.LABEL_WIDTH for label in [*MISTAKES, "context_overflow", "harness_error"])
 
 
 def test_a_refused_submission_leaves_the_worker_and_its_variables(tmp_path, monkeypatch):
