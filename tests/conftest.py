@@ -32,12 +32,12 @@ def reference(level: int, seed: int) -> dict[str, np.ndarray]:
 
 def set_header_field(data: bytes, field: str, value: int, *, bits: bool = False) -> bytes:
     """Set a field in every local and central header of a zip archive; with bits, OR value into it."""
-    data = bytearray(data)
-    for signature, offset in zip((b"PK\x03\x04", b"PK\x01\x02"), HEADER_FIELDS[field][:2]):
+    data, (local, central, fmt) = bytearray(data), HEADER_FIELDS[field]
+    for signature, offset in ((b"PK\x03\x04", local), (b"PK\x01\x02", central)):
         at = data.find(signature)
         while at >= 0:
-            fmt = HEADER_FIELDS[field][2]
-            struct.pack_into(fmt, data, at + offset, value | (struct.unpack_from(fmt, data, at + offset)[0] if bits else 0))
+            old = struct.unpack_from(fmt, data, at + offset)[0] if bits else 0
+            struct.pack_into(fmt, data, at + offset, value | old)
             at = data.find(signature, at + 4)
     return bytes(data)
 

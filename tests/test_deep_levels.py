@@ -108,7 +108,7 @@ def test_rank_files_hold_what_each_rank_saved():
 
 @pytest.mark.parametrize("level", sorted(LEVELS))
 def test_every_te_extra_state_is_an_empty_uint8_array_norms_included(level):
-    """As TE 2.9 and later save them (PR #2253), which Megatron-LM 77a00ec1c9 requires: no entry marks a norm."""
+    """As TE 2.9 and later (PR #2253) save them, which Megatron-LM 77a00ec1c9 asks for: no entry marks a norm."""
     files = make_instance(level, 0).files.values()
     extra = {k: v for f in files for k, v in f.items() if k.endswith("_extra_state")}
     assert any(k.endswith("final_layernorm._extra_state") for k in extra)
