@@ -10,14 +10,14 @@ PRIOR_RUN_USAGE = {"input_tokens": 60_000, "output_tokens": 40_000, "cache_creat
 
 
 class Budget:
-    """The sweep's spend against --max-cost: the runs that ended (`ended`), those in flight, and what the runs a
-    --resume starts over had already cost. Runs are admitted while the cap has room, and a fatal API error
-    (a bad key, an unknown model, no answer at all) closes it at once."""
+    """The sweep's spend against --max-cost: the runs that ended (`ended`), those in flight, and the `earlier`
+    records of runs a --resume starts over, whose spend still counts. Runs are admitted while the cap has room,
+    and a fatal API error (a bad key, an unknown model, no answer at all) closes it at once."""
 
-    def __init__(self, opts: argparse.Namespace, ended: list = (), spent_before: float = 0.0):
+    def __init__(self, opts: argparse.Namespace, ended: list = (), earlier: list = ()):
         self.model, self.offline, self.cap = opts.model, opts.offline, opts.max_cost
         self.ended = list(ended)
-        self.spent_before = spent_before
+        self.spent_before = sum(self.cost(r) for r in earlier)
         self.in_flight: dict = {}  # records.Run by run_id
         self.changed = asyncio.Condition()  # a run ended: the cap may now allow another
         self.skipped = 0  # runs never started: the cap or a fatal error came first

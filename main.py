@@ -326,7 +326,7 @@ def run_sweep(opts: argparse.Namespace, isolate: bool, isolation: str,
     recorded = records.recorded_runs(opts.out) if opts.resume else []
     previous = policy.keep(recorded)
     kept = {id(r) for r in previous}
-    budget = Budget(opts, previous, sum(Budget(opts).cost(r) for r in recorded if id(r) not in kept))
+    budget = Budget(opts, previous, [r for r in recorded if id(r) not in kept])
     if client_for is None and opts.offline:
         from scripted_api import ScriptedClient
         client_for = lambda run: ScriptedClient(policy.script(run)[1])
@@ -343,7 +343,7 @@ def run_sweep(opts: argparse.Namespace, isolate: bool, isolation: str,
         asyncio.run(run_batches(policy, first, client_for, opts, isolate, sweep))
     except KeyboardInterrupt:
         print("\ninterrupted: cancelling the runs still going", file=sys.stderr)
-        sweep.unfinished = "interrupted (Ctrl-C)"
+        sweep.interrupted, sweep.unfinished = True, "interrupted (Ctrl-C)"
     if isinstance(policy, BandSearch):
         if not sweep.unfinished and policy.verdict is None:
             sweep.unfinished = "a fatal API error stopped the search" if budget.fatal else \
@@ -400,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     if sweep.budget.fatal is not None:
         print(f"error: the sweep stopped: {sweep.budget.fatal}", file=sys.stderr)
         return 1
-    if sweep.unfinished.startswith("interrupted"):
+    if sweep.interrupted:
         return 130  # the shell's code for Ctrl-C
     if opts.offline:
         return offline_check(sweep.runs, lambda run: sweep.policy.script(run)[0])

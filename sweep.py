@@ -24,6 +24,7 @@ class Sweep:
         self.planned = len(budget.ended)  # grows by each batch the policy hands out
         self.verdict: band_search.Verdict | None = None  # a search's, once it ended
         self.unfinished = ""  # why a search stopped before its verdict (the cap, a fatal error, Ctrl-C)
+        self.interrupted = False  # by Ctrl-C
         self.started, self.started_at = time.monotonic(), records.now()
 
     @property
