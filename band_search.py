@@ -150,7 +150,7 @@ def next_step(runs: Sequence[Run], confirm: bool = False, max_runs: int = MAX_RU
     if found:
         return found
     if len(runs) >= max_runs:
-        return limit_reading(counts, wanted)
+        return limit_reading(counts, wanted, "the run limit came first")
     errors = sum(r.outcome == "error" for r in runs)
     if errors >= PROBE and errors > len(runs) / 2:  # no plan ends a search, so these must
         return Verdict("open", (), RATE, f"stopped: {errors} of {len(runs)} runs ended in an error, too many to go on")
@@ -161,13 +161,20 @@ def next_step(runs: Sequence[Run], confirm: bool = False, max_runs: int = MAX_RU
     return Batch(level, tuple(seeds))
 
 
-def limit_reading(counts: dict[int, Tally], wanted: str) -> Verdict:
-    """The run limit came first: the verdict of the strongest evidence short of `wanted` that gives one."""
+def limit_reading(counts: dict[int, Tally], wanted: str, why: str) -> Verdict:
+    """Something (`why`) ended the search first: the verdict of the strongest evidence short of `wanted` that gives one."""
     for evidence in (CRITERION_MET, RATE) if wanted == INTERVAL else (RATE,):
         reading = verdict(counts, evidence)
         if reading:
-            return replace(reading, text=f"the run limit came first; so far: {reading.text}")
-    return Verdict("open", (), RATE, "the run limit came first, before any graded run")
+            return replace(reading, text=f"{why}; so far: {reading.text}")
+    return Verdict("open", (), RATE, f"{why}, before any graded run")
+
+
+def stopped_reading(runs: Sequence[Run], confirm: bool, why: str) -> Verdict:
+    """The verdict of a search that the cap, a fatal API error or Ctrl-C stopped (`why`) before it ended:
+    what next_step would have said if the runs so far already settle it, else the best reading so far."""
+    counts, wanted = tallies(runs), INTERVAL if confirm else CRITERION_MET
+    return verdict(counts, wanted) or limit_reading(counts, wanted, why)
 
 
 def where_next(counts: dict[int, Tally], wanted: str) -> int:

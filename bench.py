@@ -21,7 +21,6 @@ import main
 from conversions import convert
 from grader import grade, grade_in_process
 from scripted_api import ScriptedClient, reply, text, tool_use
-from sweep import Sweep
 from task import CALL_TIMEOUT_S, LEVELS, make_instance, write_workspace
 from tools import Sandbox, bwrap_usable
 
@@ -78,14 +77,11 @@ def bench_sandbox(tmp: Path, isolated: bool) -> None:
 def timed_batch(tmp: Path, runs: int, steps: int, latency: float, concurrency: int, isolated: bool) -> float:
     script = [reply(tool_use("python", {"code": "pass"})) for _ in range(steps - 1)]
     script.append(reply(text("done"), stop_reason="end_turn"))
-    opts = main.parse_args(["--level", "1", "--out", str(tmp), "--concurrency", str(concurrency),
+    opts = main.parse_args(["--level", "1", "--runs", str(runs), "--out", str(tmp), "--concurrency", str(concurrency),
                             "--max-steps", str(steps)])
-    clients = [ScriptedClient(list(script), latency=latency) for _ in range(runs)]
-    sweep = Sweep(opts, runs, "bench")
     start = time.perf_counter()
-    asyncio.run(main.run_all([main.Run(i, i, 1) for i in range(runs)], clients, opts, isolated, sweep))
+    done = main.run_sweep(opts, isolated, "bench", lambda run: ScriptedClient(list(script), latency=latency)).runs
     elapsed = time.perf_counter() - start
-    done = sweep.done
     assert len(done) == runs and all(r.label == "no_submission" for r in done), "a benchmark run went wrong"
     return elapsed
 

@@ -33,8 +33,8 @@ except ModuleNotFoundError:
     sys.exit(f"{__doc__}\nInspect AI is not installed here: pip install '.[inspect]' first.")
 
 import task as contract
+from flags import DEFAULT_MAX_TOKENS
 from grader import grade
-from sweep import DEFAULT_MAX_TOKENS
 from tools import Sandbox, SubmitError, bwrap_usable, take_submission
 
 DESCRIPTIONS = {t["name"]: t for t in contract.TOOLS}

@@ -1,7 +1,8 @@
-"""The harness: the run record, the agent loop, one run, N runs at once, and main()
-(`python main.py --help`). The sweep's flags, spending cap, records and resuming are in
-sweep.py; the numbers and the console in report.py, the pages in report_html.py; the sandbox
-in tools.py.
+"""The harness: the agent loop, one run, N runs at once, run_sweep (the one way a sweep runs) and main()
+(`python main.py --help`). The flags are in flags.py, the spending cap in budget.py, the records and
+resuming in records.py, what runs next (a fixed sweep or the band search) in policy.py, a sweep's
+progress and summary in sweep.py; the numbers and the console in report.py, the pages in report_html.py;
+the sandbox in tools.py.
 """
 import argparse
 import asyncio
@@ -15,23 +16,23 @@ import time
 import traceback
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import anthropic
 
+import band_search
+import records
 import report
 import report_html
 import task
+from budget import Budget
+from flags import SWEEP_FLAGS, parse_args
 from grader import grade
+from policy import BandSearch, FixedSweep, policy_for
+from records import Run, now
 from report import USAGE_KEYS
-from sweep import (
-    Sweep,
-    kept_runs,
-    now,
-    parse_args,
-    sweep_config,
-)
+from sweep import Sweep
 from tools import (
     Sandbox,
     SubmitError,
@@ -60,24 +61,6 @@ def transient(e: Exception) -> bool:
     error = getattr(e, "body", None)
     error = error.get("error") if isinstance(error, dict) else None
     return isinstance(e, TRANSIENT) or isinstance(error, dict) and error.get("type") in TRANSIENT_TYPES
-
-
-@dataclass
-class Run:
-    run_id: int
-    seed: int
-    level: int
-    outcome: str = "error"  # pass | fail | error (infrastructure) | stopped (cap or fatal API error): last two not graded
-    label: str = "harness_error"  # the grader's label, or why the run ended without a grade
-    detail: str = ""
-    max_error: float | None = None
-    steps: int = 0
-    usage: dict[str, int] = field(default_factory=lambda: dict.fromkeys(USAGE_KEYS, 0))
-    seconds: float = 0.0
-    messages: list = field(default_factory=list)
-    step_log: list = field(default_factory=list)
-    started_at: str = ""  # UTC, ISO 8601
-    ended_at: str = ""
 
 
 def with_cache_breakpoint(messages: list[dict]) -> list[dict]:
@@ -304,34 +287,86 @@ async def run_one(run: Run, client, opts: argparse.Namespace, isolate: bool,
     return run
 
 
-async def run_all(runs: list[Run], clients: list, opts: argparse.Namespace, isolate: bool, sweep: Sweep) -> None:
-    limit, contact = asyncio.Semaphore(opts.concurrency), ApiContact()
+async def run_all(runs: list[Run], client_for: Callable[[Run], anthropic.AsyncAnthropic], opts: argparse.Namespace,
+                  isolate: bool, sweep: Sweep, contact: ApiContact) -> None:
+    """The runs, --concurrency at a time, each started once the budget admits it."""
+    limit = asyncio.Semaphore(opts.concurrency)
 
-    async def guarded(run: Run, client) -> None:
+    async def guarded(run: Run) -> None:
         async with limit:
-            if not await sweep.start(run):
+            if not await sweep.budget.admit(run):
                 return
-            finished = await run_one(run, client, opts, isolate, sweep.stop, contact)
-        await sweep.finished(finished)
+            finished = await run_one(run, client_for(run), opts, isolate, sweep.budget.why_stop, contact)
+        await sweep.budget.settle(finished)
+        sweep.run_ended(finished)
 
-    await asyncio.gather(*(guarded(run, client) for run, client in zip(runs, clients, strict=True)))
+    await asyncio.gather(*(guarded(run) for run in runs))
 
 
-def plan(opts: argparse.Namespace) -> list[tuple[Run, str, list | None]]:
-    """Every (run, name, script) of the sweep, levels interleaved so that an early stop covers each.
-    Offline, a level's runs are its scripted conversions of the instance at --seed; online, --runs seeds of it."""
-    if opts.offline:
-        from scripted_api import offline_scripts
-        per_level = {lv: offline_scripts(lv, opts.seed) for lv in opts.levels}
+async def run_batches(policy: FixedSweep | BandSearch, first: list[Run], client_for: Callable, opts: argparse.Namespace,
+                      isolate: bool, sweep: Sweep) -> None:
+    """The policy's batches, one after another, until it has none or the budget closes."""
+    contact, batch = ApiContact(), first
+    while batch and sweep.budget.may_send():
+        sweep.planned += len(batch)
+        if opts.offline:
+            print("offline: scripted runs: " + ", ".join(f"{r.run_id:03d}=L{r.level} {policy.script(r)[0]}"
+                                                          for r in batch))
+        await run_all(batch, client_for, opts, isolate, sweep, contact)
+        batch = policy.next_runs(sweep.runs)
+
+
+def run_sweep(opts: argparse.Namespace, isolate: bool, isolation: str,
+              client_for: Callable[[Run], anthropic.AsyncAnthropic] | None = None) -> Sweep:
+    """A sweep from its flags to summary.json: the policy (a fixed sweep or the band search), the runs a --resume
+    keeps, config.json, the runs in batches under the budget, then the summary, report.html and the console's.
+    `client_for(run)` gives each run its API client: by default one AsyncAnthropic client, or offline the
+    policy's scripted replies. Raises OSError if --out cannot be made or written."""
+    policy = policy_for(opts)
+    recorded = records.recorded_runs(opts.out) if opts.resume else []
+    previous = policy.keep(recorded)
+    kept = {id(r) for r in previous}
+    budget = Budget(opts, previous, [r for r in recorded if id(r) not in kept])
+    if client_for is None and opts.offline:
+        from scripted_api import ScriptedClient
+        client_for = lambda run: ScriptedClient(policy.script(run)[1])
+    elif client_for is None:
+        client = anthropic.AsyncAnthropic(max_retries=0)  # create_message retries
+        client_for = lambda run: client
+    if not opts.resume:  # a directory of its own: no two sweeps share one
+        opts.out.mkdir(parents=True, exist_ok=opts.out.is_dir() and not any(opts.out.iterdir()))
+    records.write_config(opts, SWEEP_FLAGS)
+    sweep = Sweep(opts, budget, policy, isolation)
+    first = policy.next_runs(sweep.runs)
+    print(opening_line(opts, first, previous))
+    try:
+        asyncio.run(run_batches(policy, first, client_for, opts, isolate, sweep))
+    except KeyboardInterrupt:
+        print("\ninterrupted: cancelling the runs still going", file=sys.stderr)
+        sweep.interrupted, sweep.unfinished = True, "interrupted (Ctrl-C)"
+    if isinstance(policy, BandSearch):
+        if not sweep.unfinished and policy.verdict is None:
+            sweep.unfinished = "a fatal API error stopped the search" if budget.fatal else \
+                "the spending cap stopped the search"
+        sweep.verdict = policy.verdict or band_search.stopped_reading(sweep.runs, opts.confirm, sweep.unfinished)
+    summary = sweep.summary()
+    (opts.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    report_html.write_report(opts.out, summary, sweep.runs)
+    report.print_summary(summary)
+    return sweep
+
+
+def opening_line(opts: argparse.Namespace, first: list[Run], previous: list[Run]) -> str:
+    cap = "none (scripted)" if opts.offline else f"${opts.max_cost:.2f} (--max-cost; 0 for none)" \
+        if opts.max_cost > 0 else "none (--max-cost 0)"
+    if opts.find_band:
+        what = (f"a band search{' to a confirmed interval' if opts.confirm else ''}, first {len(first)} runs at level "
+                f"{first[0].level}" if first else "a band search that has already ended")
     else:
-        per_level = {lv: [("model", None)] * opts.runs for lv in opts.levels}
-    planned = []
-    for i in range(max(len(v) for v in per_level.values())):
-        for lv in opts.levels:
-            if i < len(per_level[lv]):
-                name, script = per_level[lv][i]
-                planned.append((Run(len(planned), opts.seed + i * (not opts.offline), lv), name, script))
-    return planned
+        what = f"{len(first)} runs of level{'s' if len(opts.levels) > 1 else ''} {', '.join(map(str, opts.levels))}"
+    return (f"{what} with {'scripted replies' if opts.offline else opts.model}, {opts.concurrency} at a time"
+            f"{f', {len(previous)} kept from before' if previous else ''}; spending cap {cap}; "
+            f"transcripts and report.html in {opts.out}/")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -354,58 +389,32 @@ def main(argv: list[str] | None = None) -> int:
     isolation = sandbox_report(isolate)
     if "WARNING" in isolation:
         print(isolation, file=sys.stderr)
-    planned = plan(opts)
-    previous, spent_before = kept_runs(opts, Run)
-    kept = {r.run_id for r in previous}  # the plan is the same on resuming, so its numbers name the same runs
-    todo = [(run, name, script) for run, name, script in planned if run.run_id not in kept]
-    if opts.offline:
-        from scripted_api import ScriptedClient
-        clients = [ScriptedClient(script) for _, _, script in todo]
-        print("offline: scripted runs: " + ", ".join(f"{run.run_id:03d}=L{run.level} {name}" for run, name, _ in todo))
-    else:
-        clients = [anthropic.AsyncAnthropic(max_retries=0)] * len(todo)  # create_message retries
     try:
-        if not opts.resume:  # a directory of its own: no two sweeps share one
-            opts.out.mkdir(parents=True, exist_ok=opts.out.is_dir() and not any(opts.out.iterdir()))
-        (opts.out / "config.json").write_text(json.dumps(sweep_config(opts), indent=2) + "\n")
+        sweep = run_sweep(opts, isolate, isolation)
     except FileExistsError:
         print(f"error: --out {opts.out} was created by another sweep just now; give another --out", file=sys.stderr)
         return 2
     except OSError as e:
         print(f"error: --out {opts.out}: cannot write there ({e.strerror})", file=sys.stderr)
         return 2
-    cap = "none (scripted)" if opts.offline else f"${opts.max_cost:.2f} (--max-cost; 0 for none)" \
-        if opts.max_cost > 0 else "none (--max-cost 0)"
-    print(f"{len(todo)} runs of level{'s' if len(opts.levels) > 1 else ''} {', '.join(map(str, opts.levels))} with "
-          f"{'scripted replies' if opts.offline else opts.model}, {opts.concurrency} at a time"
-          f"{f', {len(previous)} kept from before' if previous else ''}; spending cap {cap}; "
-          f"transcripts and report.html in {opts.out}/")
-    sweep = Sweep(opts, len(planned), isolation, previous, spent_before)
-    try:
-        asyncio.run(run_all([run for run, _, _ in todo], clients, opts, isolate, sweep))
-    except KeyboardInterrupt:
-        print("\ninterrupted: cancelling the runs still going", file=sys.stderr)
-    summary = sweep.summary()
-    (opts.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    report_html.write_report(opts.out, summary, sweep.done)
-    report.print_summary(summary)
-    if sweep.fatal is not None:
-        print(f"error: the sweep stopped: {sweep.fatal}", file=sys.stderr)
+    if sweep.budget.fatal is not None:
+        print(f"error: the sweep stopped: {sweep.budget.fatal}", file=sys.stderr)
         return 1
-    if len(sweep.done) + sweep.skipped < len(planned):
+    if sweep.interrupted:
         return 130  # the shell's code for Ctrl-C
     if opts.offline:
-        return offline_check(sweep.done, {run.run_id: name for run, name, _ in planned})
-    errors = Counter(r.detail.splitlines()[-1] if r.detail else r.label for r in sweep.done if r.outcome == "error")
-    if errors and summary["graded"] == 0:
+        return offline_check(sweep.runs, lambda run: sweep.policy.script(run)[0])
+    errors = Counter(r.detail.splitlines()[-1] if r.detail else r.label for r in sweep.runs if r.outcome == "error")
+    if errors and sweep.summary()["graded"] == 0:
         print(f"error: every run ended in an error; the most common cause ({errors.most_common(1)[0][1]} runs): "
               f"{errors.most_common(1)[0][0]}", file=sys.stderr)
         return 1
     return 0
 
 
-def offline_check(done: list[Run], names: dict[int, str]) -> int:
+def offline_check(done: list[Run], name_of: Callable[[Run], str]) -> int:
     """The reference must pass and each wrong conversion must fail with its own label."""
+    names = {r.run_id: name_of(r) for r in done}
     wrong = [f"run {r.run_id:03d} (L{r.level} {names[r.run_id]}) got {r.label}" for r in done
              if r.label != ("pass" if names[r.run_id] == "reference" else names[r.run_id])]
     if wrong:

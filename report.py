@@ -137,6 +137,17 @@ def print_table(s: dict) -> None:
     print(s["recommendation"])
 
 
+OFFLINE_SEARCH = ("offline: this search's runs are scripted from a made-up pass-rate curve (OFFLINE_PASS_RATE in "
+                  "scripted_api.py), so its answer means nothing about any model; it checks the search's machinery")
+
+
+def search_path(search: dict) -> str:
+    """The band search's path on one line: each step's level and that level's passes, graded runs and interval."""
+    steps = [f"L{p['level']} {p['passes']}/{p['graded']} ({p['wilson_95'][0]:.0%}-{p['wilson_95'][1]:.0%})"
+             for p in search["path"]]
+    return f"search path ({search['runs']} runs): " + " -> ".join(steps)
+
+
 def tally(runs: list, levels: list[int]) -> str:
     """The progress line's count, as the summary counts: passes of graded runs per level, errors and
     stopped runs apart (they are not attempts at the task)."""
@@ -176,9 +187,14 @@ def print_summary(s: dict) -> None:
     if s["skipped"]:
         print(f"skipped: {s['skipped']} runs never started: {s['skipped_reason']}")
     if s["stopped"]:
+        again = "a resumed search makes fresh runs instead" if "band_search" in s else "--resume starts them over"
         print(f"stopped: {s['stopped']} runs ended unfinished ({s['skipped_reason'] or 'the sweep stopped'}), neither "
-              "pass nor fail (not in the pass rate); --resume starts them over")
+              f"pass nor fail (not in the pass rate); {again}")
     print_table(s)
+    if "band_search" in s:
+        print(search_path(s["band_search"]))
+    if "band_search" in s and s["offline"]:
+        print(OFFLINE_SEARCH)
     if s["errors"]:
         print(f"errors (not in the pass rate): {sum(s['errors'].values())} "
               + ", ".join(f"{k} {v}" for k, v in s["errors"].items()))

@@ -102,9 +102,12 @@ def write_report(out: Path, summary: dict, runs: list) -> None:
     s, offline = summary, summary["offline"]
     levels = ",".join(map(str, s["levels_swept"]))
     swept = f"level{'s' if len(s['levels_swept']) > 1 else ''} {levels}"
-    title = f"Scripted offline sweep (no model), {swept}" if offline else f"Sweep: {s['model']}, {swept}"
-    flags = [f"--levels {levels}", *([] if offline else [f"--runs {s['runs_per_level']}"]),  # offline: its scripts
-             f"--seed {s['seed']}", f"--max-steps {s['max_steps']}", f"--max-tokens {s['max_tokens']}",
+    search = s.get("band_search")
+    kind = "band search" if search else "sweep"
+    title = f"Scripted offline {kind} (no model), {swept}" if offline else f"{kind.capitalize()}: {s['model']}, {swept}"
+    chosen = ["--find-band", *(["--confirm"] if search["confirm"] else [])] if search else \
+        [f"--levels {levels}", *([] if offline else [f"--runs {s['runs_per_level']}"])]  # offline: its scripts
+    flags = [*chosen, f"--seed {s['seed']}", f"--max-steps {s['max_steps']}", f"--max-tokens {s['max_tokens']}",
              *([f"--thinking {s['thinking_budget']}"] if s["thinking_budget"] else []),
              "--offline" if offline else f"--max-cost {s['max_cost_usd'] or 0:g}"]
     header = meta({"date (UTC)": [s["started_at"], "to", s["ended_at"]], "model": "scripted replies" if offline else
@@ -114,7 +117,7 @@ def write_report(out: Path, summary: dict, runs: list) -> None:
                    "spend": s["cost_text"], "sandbox": s["isolation"]})
     verdict = ("<p class='note'>The replies are scripted (the reference conversion and each known wrong one), so "
                "there is no pass rate to read and no level to recommend: this sweep checks the harness.</p>"
-               if offline else f"<p class='note'><b>{escape(s['recommendation'])}</b></p>")
+               if offline and not search else f"<p class='note'><b>{escape(s['recommendation'])}</b></p>")
     band = s["target_band"]
     level_columns = [("level", "num"), ("graded", "num"), ("passes", "num"),
                      *([] if offline else [("rate", "num"), ("95% Wilson", "num"),
@@ -133,10 +136,23 @@ def write_report(out: Path, summary: dict, runs: list) -> None:
     run_rows = [(f"run-{r.run_id:03d}", run_cells(r)) for r in sorted(runs, key=lambda r: r.run_id)]
     embedded = json.dumps(s).replace("</", "<\\/")  # the numbers, machine-readable, safe inside <script>
     chart = "" if offline else f"<h2>Pass rate per level</h2><div class='chart'>{rate_chart(s['levels'], band)}</div>"
-    body = (f"<h1>{escape(title)}</h1>{header}{verdict}<h2>Levels</h2>{table('levels', level_columns, level_rows)}"
+    body = (f"<h1>{escape(title)}</h1>{header}{verdict}{search_section(search, offline) if search else ''}"
+            f"<h2>Levels</h2>{table('levels', level_columns, level_rows)}"
             f"{chart}<h2>Runs</h2>{table('runs', run_columns, run_rows)}"
             f"<script type='application/json' id='summary'>{embedded}</script>")
     (out / "report.html").write_text(page(title, body))
+
+
+def search_section(search: dict, offline: bool) -> str:
+    """The band search's path: a row per step, the level it ran and that level's count after it."""
+    rows = [("", [str(i), str(p["level"]), str(p["runs"]), str(p["graded"]), str(p["passes"]),
+                  f"{p['wilson_95'][0]:.0%}-{p['wilson_95'][1]:.0%}"]) for i, p in enumerate(search["path"], 1)]
+    columns = [("step", "num"), ("level", "num"), ("runs at the level", "num"), ("graded", "num"), ("passes", "num"),
+               ("95% Wilson", "num")]
+    note = f"<p class='note'>{escape(report.OFFLINE_SEARCH)}.</p>" if offline else ""
+    state = "ended" if search["finished"] else "stopped before its verdict"
+    return (f"<h2>Band search ({state}, {search['runs']} runs{', --confirm' if search['confirm'] else ''})</h2>{note}"
+            f"{table('search', columns, rows)}")
 
 
 def run_cells(r) -> list[str]:

@@ -1,6 +1,6 @@
 """The band search (band_search.py), without an API: runs are drawn from given pass-rate curves over
 the levels, 200 searches per curve, seeded. `python tests/test_band_search.py` prints the table of
-measured figures that docs/band-search.md quotes."""
+measured figures that docs/report.md quotes."""
 import itertools
 import math
 import random

@@ -14,10 +14,13 @@ import anthropic
 import pytest
 from conftest import bz2_bomb
 
+import flags
 import main
 import report
-import sweep as sweeps
 import tools
+from budget import Budget
+from policy import FixedSweep
+from records import SCHEMA_VERSION, task_version
 from scripted_api import (
     ScriptedClient,
     connection_error,
@@ -29,7 +32,7 @@ from scripted_api import (
     thinking,
     tool_use,
 )
-from sweep import SCHEMA_VERSION, Sweep, task_version
+from sweep import Sweep
 from tools import bwrap_usable
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -193,13 +196,11 @@ def test_transient_errors_cost_a_retry_not_the_run(tmp_path, slept, capsys):
 
 def test_runs_that_meet_the_same_429_do_not_retry_in_lockstep(tmp_path, slept):
     opts = main.parse_args(["--level", "1", "--runs", "10", "--out", str(tmp_path)])
-    clients = [ScriptedClient([http_error(429, retry_after=7), reply(text("done"), stop_reason="end_turn")])
-               for _ in range(10)]
-    sweep = Sweep(opts, 10, "test")
-    asyncio.run(main.run_all([main.Run(i, i, 1) for i in range(10)], clients, opts, ISOLATE, sweep))
+    sweep = main.run_sweep(opts, ISOLATE, "test", lambda run: ScriptedClient(
+        [http_error(429, retry_after=7), reply(text("done"), stop_reason="end_turn")]))
     waits = [w for run in slept.values() for w in run]
     assert len(waits) == len(set(waits)) == 10 and all(7 <= w <= 7 * (1 + main.JITTER) for w in waits)
-    assert all(r.label == "no_submission" for r in sweep.done)
+    assert all(r.label == "no_submission" for r in sweep.runs)
 
 
 def test_an_endpoint_that_refuses_connections_ends_the_sweep_within_a_minute(tmp_path, slept, monkeypatch, capsys):
@@ -229,8 +230,7 @@ def test_a_connection_lost_mid_sweep_keeps_the_full_retry_budget_and_the_run_is_
     opts = main.parse_args(["--level", "1", "--runs", "2", "--concurrency", "1", "--out", str(tmp_path)])
     lost = [connection_error()] * 8  # waits of about 1 + 2 + ... + 60 s: past CONNECT_BUDGET_S, within RETRY_BUDGET_S
     clients = [ScriptedClient(conversion_script(None)), ScriptedClient([*lost, *conversion_script(None)])]
-    sweep = Sweep(opts, 2, "test")
-    asyncio.run(main.run_all([main.Run(0, 0, 1), main.Run(1, 1, 1)], clients, opts, ISOLATE, sweep))
+    main.run_sweep(opts, ISOLATE, "test", lambda run: clients[run.run_id])
     (waits,) = slept.values()
     assert len(waits) == 8 and sum(waits) > main.CONNECT_BUDGET_S
     records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
@@ -242,7 +242,8 @@ def test_transient_errors_past_the_retry_budget_make_an_api_error(tmp_path, slep
     monkeypatch.setattr(main, "RETRY_BUDGET_S", 100)  # doublings from 1 s pass 100 s after 7 waits
     run, _ = run_script(tmp_path, [reply(tool_use("python", {"code": "1"})), *[http_error(529)] * 20])
     assert (run.outcome, run.label) == ("error", "api_error") and "OverloadedError (529)" in run.detail
-    summary = Sweep(main.parse_args(["--out", str(tmp_path / "s")]), 1, "test", [run]).summary()
+    opts = main.parse_args(["--out", str(tmp_path / "s")])
+    summary = Sweep(opts, Budget(opts, [run]), FixedSweep(opts), "test").summary()
     assert summary["graded"] == 0 and summary["errors"] == {"api_error": 1} and summary["pass_rate"] is None
 
 
@@ -250,12 +251,10 @@ def test_transient_errors_past_the_retry_budget_make_an_api_error(tmp_path, slep
                                              (403, "permission"), (400, "tools.0: bad schema")])
 def test_fatal_errors_stop_the_whole_sweep_at_once(tmp_path, capsys, status, message):
     opts = main.parse_args(["--levels", "1-2", "--runs", "3", "--out", str(tmp_path), "--concurrency", "1"])
-    planned = main.plan(opts)
     clients = [ScriptedClient([http_error(status, message)])] + [ScriptedClient(conversion_script(None))] * 5
-    sweep = Sweep(opts, len(planned), "test")
-    asyncio.run(main.run_all([run for run, _, _ in planned], clients, opts, ISOLATE, sweep))
-    assert [r.label for r in sweep.done] == ["api_fatal"] and sweep.skipped == 5
-    assert message in sweep.fatal and str(status) in sweep.fatal
+    sweep = main.run_sweep(opts, ISOLATE, "test", lambda run: clients[run.run_id])
+    assert [r.label for r in sweep.runs] == ["api_fatal"] and sweep.budget.skipped == 5
+    assert message in sweep.budget.fatal and str(status) in sweep.budget.fatal
     assert message in sweep.summary()["skipped_reason"]
 
 
@@ -292,7 +291,7 @@ def test_any_max_tokens_the_api_accepts_streams(tmp_path):
 
 
 def test_a_harness_crash_is_recorded_and_other_runs_finish(tmp_path, monkeypatch):
-    opts = main.parse_args(["--level", "1", "--out", str(tmp_path)])
+    opts = main.parse_args(["--level", "1", "--runs", "2", "--out", str(tmp_path)])
     real = main.task.make_instance
 
     def broken(level, seed):
@@ -300,10 +299,8 @@ def test_a_harness_crash_is_recorded_and_other_runs_finish(tmp_path, monkeypatch
             raise RuntimeError("boom")
         return real(level, seed)
     monkeypatch.setattr(main.task, "make_instance", broken)
-    clients = [ScriptedClient(conversion_script(None)), ScriptedClient(conversion_script(None))]
-    sweep = Sweep(opts, 2, "test")
-    asyncio.run(main.run_all([main.Run(0, 0, 1), main.Run(1, 1, 1)], clients, opts, ISOLATE, sweep))
-    by_id = {r.run_id: r for r in sweep.done}
+    sweep = main.run_sweep(opts, ISOLATE, "test", lambda run: ScriptedClient(conversion_script(None)))
+    by_id = {r.run_id: r for r in sweep.runs}
     assert by_id[0].label == "harness_error" and "boom" in by_id[0].detail
     assert by_id[1].outcome == "pass"
 
@@ -337,15 +334,12 @@ def test_wilson_interval(passes, n, low, high):
 
 def test_runs_overlap_in_time(tmp_path):
     n, latency = 8, 0.25
-    opts = main.parse_args(["--level", "1", "--out", str(tmp_path), "--concurrency", str(n)])
+    opts = main.parse_args(["--level", "1", "--runs", str(n), "--out", str(tmp_path), "--concurrency", str(n)])
     script = [reply(tool_use("python", {"code": "1"})), reply(tool_use("python", {"code": "2"})),
               reply(text("done"), stop_reason="end_turn")]
-    clients = [ScriptedClient(list(script), latency=latency) for _ in range(n)]
-    sweep = Sweep(opts, n, "test")
     start = time.monotonic()
-    asyncio.run(main.run_all([main.Run(i, i, 1) for i in range(n)], clients, opts, ISOLATE, sweep))
+    done = main.run_sweep(opts, ISOLATE, "test", lambda run: ScriptedClient(list(script), latency=latency)).runs
     elapsed = time.monotonic() - start
-    done = sweep.done
     serial = n * 3 * latency
     assert len(done) == n and all(r.label == "no_submission" for r in done)
     assert elapsed < serial / 2, f"{elapsed:.2f}s for {n} runs; one after another would take {serial:.1f}s"
@@ -469,7 +463,7 @@ def test_records_carry_what_anyone_needs_and_workspaces_go(tmp_path):
     summary = json.loads((tmp_path / "s" / "summary.json").read_text())
     for record in (*lines, summary):
         assert record["schema"] == SCHEMA_VERSION and record["task_version"] == task_version()
-        assert record["model"] == "scripted" and record["max_tokens"] == sweeps.DEFAULT_MAX_TOKENS  # offline
+        assert record["model"] == "scripted" and record["max_tokens"] == flags.DEFAULT_MAX_TOKENS  # offline
         assert record["started_at"] <= record["ended_at"]
     assert {line["reward"] for line in lines} == {0.0, 1.0}
     # Offline, the submissions are the project's own scripted ones: none is kept

@@ -165,14 +165,9 @@ def test_a_transcript_numbers_its_steps_states_its_grade_once_and_the_result_of_
 
 def test_the_report_of_a_sweep_against_a_model_has_its_verdict_and_chart(tmp_path):
     from scripted_api import ScriptedClient, conversion_script, reply, text
-    from sweep import Sweep
     opts = main.parse_args(["--levels", "1,2", "--runs", "2", "--out", str(tmp_path)])
-    planned = main.plan(opts)
-    clients = [ScriptedClient(conversion_script(None) if run.level == 1 else [reply(text("no"), stop_reason="end_turn")])
-               for run, _, _ in planned]
-    s = Sweep(opts, len(planned), "test")
-    import asyncio
-    asyncio.run(main.run_all([run for run, _, _ in planned], clients, opts, main.bwrap_usable(), s))
+    main.run_sweep(opts, main.bwrap_usable(), "test", lambda run: ScriptedClient(
+        conversion_script(None) if run.level == 1 else [reply(text("no"), stop_reason="end_turn")]))
     for width in (700, 1300):
         view = seen(tmp_path / "report.html", width)
         readable(view, width)

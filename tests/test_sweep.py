@@ -1,5 +1,4 @@
 """Level sweeps: the table and recommendation, the spending cap, resuming, and report.html."""
-import asyncio
 import json
 import math
 import signal
@@ -11,33 +10,31 @@ from pathlib import Path
 import pytest
 from test_main import ISOLATE
 
+import flags
 import main
 import report
-import sweep as sweeps
+from budget import PRIOR_RUN_USAGE
+from flags import DEFAULT_MAX_COST
+from policy import FixedSweep
 from scripted_api import ScriptedClient, conversion_script, reply, text, tool_use
-from sweep import DEFAULT_MAX_COST, PRIOR_RUN_USAGE, Sweep
+from sweep import Sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 GIVE_UP = [reply(text("I give up."), stop_reason="end_turn")]
 
 
-def sweep(tmp_path, passes_per_level: dict[int, int], runs: int, *flags: str, usage=None) -> Sweep:
+def sweep(tmp_path, passes_per_level: dict[int, int], runs: int, *more: str, usage=None) -> Sweep:
     """Run a sweep whose level L passes passes_per_level[L] of `runs` times (the rest give up)."""
     levels = sorted(passes_per_level)
     opts = main.parse_args(["--levels", ",".join(map(str, levels)), "--runs", str(runs), "--out", str(tmp_path),
-                            "--concurrency", "1", *flags])
-    planned = main.plan(opts)
-    clients = [ScriptedClient(conversion_script(None) if run.seed < passes_per_level[run.level] else GIVE_UP,
-                              usage=usage) for run, _, _ in planned]
-    s = Sweep(opts, len(planned), "test")
-    asyncio.run(main.run_all([run for run, _, _ in planned], clients, opts, ISOLATE, s))
-    return s
+                            "--concurrency", "1", *more])
+    return main.run_sweep(opts, ISOLATE, "test", lambda run: ScriptedClient(
+        conversion_script(None) if run.seed < passes_per_level[run.level] else GIVE_UP, usage=usage))
 
 
 def test_a_sweep_interleaves_levels_and_recommends_where_the_band_falls(tmp_path, capsys):
     s = sweep(tmp_path, {1: 3, 2: 2, 3: 0}, 3)
-    planned = main.plan(s.opts)
-    assert [run.level for run, _, _ in planned][:3] == [1, 2, 3]  # an early stop still covers every level
+    assert [run.level for run in FixedSweep(s.opts).runs][:3] == [1, 2, 3]  # an early stop still covers every level
     summary = s.summary()
     rows = {r["level"]: r for r in summary["levels"]}
     assert [(rows[lv]["graded"], rows[lv]["passes"]) for lv in (1, 2, 3)] == [(3, 3), (3, 2), (3, 0)]
@@ -45,7 +42,7 @@ def test_a_sweep_interleaves_levels_and_recommends_where_the_band_falls(tmp_path
     assert rows[2]["wilson_95"] == pytest.approx([0.2077, 0.9385], abs=5e-5)  # Wilson 95% for 2 of 3, by hand
     assert "falls between level 2 (67%) and level 3 (0%)" in summary["recommendation"]
     command = summary["recommendation"].split("next: python main.py ")[1].split()
-    run_cost, measured = s.run_cost()  # the mean of these runs: each sent requests
+    run_cost, measured = s.budget.run_cost()  # the mean of these runs: each sent requests
     cap = math.ceil(20 * run_cost * report.CAP_MARGIN)
     assert measured and f"its 20 runs cost about ${20 * run_cost:.2f} at the measured ${run_cost:.2f} a run" in \
         summary["recommendation"]
@@ -53,7 +50,7 @@ def test_a_sweep_interleaves_levels_and_recommends_where_the_band_falls(tmp_path
                        "--max-tokens", "16000", "--runs", "10", "--max-cost", str(max(1, cap))]
     follow = main.parse_args([*command, "--out", str(tmp_path / "next")])  # the command parses, with every flag kept
     assert (follow.levels, follow.model, follow.runs) == ([2, 3], s.opts.model, 10)
-    assert follow.seed > max(run.seed for run in s.done)  # fresh instances: none of those measured
+    assert follow.seed > max(run.seed for run in s.runs)  # fresh instances: none of those measured
     report.print_summary(summary)
     out = capsys.readouterr().out
     assert "no_submission" in out and summary["recommendation"] in out
@@ -73,7 +70,7 @@ def test_recommendations(passes, expected):
 def rows_of(passes: dict[int, int]) -> list[dict]:
     """Level rows of 10 runs each, with passes[level] passes."""
     return [report.level_row(lv, [main.Run(i, i, lv, "pass" if i < n else "fail", "x") for i in range(10)],
-                             sweeps.DEFAULT_MODEL, False) for lv, n in passes.items()]
+                             flags.DEFAULT_MODEL, False) for lv, n in passes.items()]
 
 
 def test_the_next_command_caps_its_runs_at_the_cost_per_run_or_says_there_is_no_price():
@@ -88,7 +85,7 @@ def test_the_next_command_caps_its_runs_at_the_cost_per_run_or_says_there_is_no_
 
 def test_a_level_inside_the_band_is_recommended():
     row = report.level_row(6, [main.Run(i, i, 6, "pass" if i < 25 else "fail", "x") for i in range(100)],
-                           sweeps.DEFAULT_MODEL, False)
+                           flags.DEFAULT_MODEL, False)
     assert report.recommend([row], 100, [6], "", 0.5, True).startswith("recommended level: 6 (25%")
 
 
@@ -96,7 +93,7 @@ def test_the_spending_cap_stops_new_runs(tmp_path, capsys):
     # Each run makes one request of 100k input and 10k output tokens: $0.15 at claude-haiku-4-5's prices.
     s = sweep(tmp_path, {1: 0}, 10, "--max-cost", "1", usage={"input_tokens": 100_000, "output_tokens": 10_000})
     # Six runs spend $0.90, under the cap, so a seventh may send its request; then the cap is reached.
-    assert len(s.done) == 7 and s.skipped == 3
+    assert len(s.runs) == 7 and s.budget.skipped == 3
     summary = s.summary()
     assert summary["skipped"] == 3 and "$1.00" in summary["skipped_reason"]
     assert summary["spent_usd"] == pytest.approx(1.05) and summary["max_cost_usd"] == 1
@@ -113,18 +110,14 @@ def looping(steps: int) -> list:
 def capped_sweep(tmp_path, runs: int, concurrency: int, cap: str, usage: dict | None, steps: int = 10) -> Sweep:
     opts = main.parse_args(["--level", "1", "--runs", str(runs), "--out", str(tmp_path), "--max-cost", cap,
                             "--concurrency", str(concurrency), "--max-steps", str(steps + 2)])
-    planned = main.plan(opts)
-    clients = [ScriptedClient(looping(steps), latency=0.01, usage=usage) for _ in planned]
-    s = Sweep(opts, len(planned), "test")
-    asyncio.run(main.run_all([run for run, _, _ in planned], clients, opts, ISOLATE, s))
-    return s
+    return main.run_sweep(opts, ISOLATE, "test", lambda run: ScriptedClient(looping(steps), latency=0.01, usage=usage))
 
 
 def test_the_cap_bounds_spend_within_a_run(tmp_path):
     """10 requests of $1 each: the run is stopped after its first, neither pass nor fail."""
     s = capped_sweep(tmp_path, 3, 1, "1", {"input_tokens": 1_000_000, "output_tokens": 0})
-    (run,) = s.done
-    assert (run.outcome, run.label, run.steps) == ("stopped", "spending_cap", 1) and s.skipped == 2
+    (run,) = s.runs
+    assert (run.outcome, run.label, run.steps) == ("stopped", "spending_cap", 1) and s.budget.skipped == 2
     summary = s.summary()
     assert summary["spent_usd"] == pytest.approx(1.0) and summary["stopped"] == 1 and summary["graded"] == 0
     assert summary["pass_rate"] is None  # a stopped run is not in the pass rate
@@ -135,13 +128,13 @@ def test_with_many_runs_in_flight_the_overshoot_is_one_request_each(tmp_path):
     s = capped_sweep(tmp_path, 12, 10, "5", {"input_tokens": 100_000, "output_tokens": 0})
     summary = s.summary()
     assert 5 <= summary["spent_usd"] <= 5 + 10 * per_request + 1e-9
-    assert summary["stopped"] >= 1 and all(r.label == "spending_cap" for r in s.done if r.outcome == "stopped")
+    assert summary["stopped"] >= 1 and all(r.label == "spending_cap" for r in s.runs if r.outcome == "stopped")
     assert summary["stopped"] + summary["graded"] + summary["skipped"] == 12
 
 
 def test_a_cap_below_the_prior_estimate_still_completes_cheap_runs(tmp_path):
     s = capped_sweep(tmp_path, 5, 5, "0.5", None, steps=2)  # the prior estimate of a haiku run is $0.54
-    assert len(s.done) == 5 and s.skipped == 0 and all(r.outcome == "fail" for r in s.done)
+    assert len(s.runs) == 5 and s.budget.skipped == 0 and all(r.outcome == "fail" for r in s.runs)
 
 
 def test_an_unknown_model_with_a_cap_is_refused(tmp_path, monkeypatch):
@@ -306,8 +299,8 @@ def test_bad_flags_are_refused_with_a_clear_message(flags, message, capsys):
 def test_levels_are_sorted_each_once_and_dated_models_are_priced(tmp_path):
     assert main.parse_args(["--levels", "7,5,5", "--out", str(tmp_path / "a")]).levels == [5, 7]
     assert report.price("claude-haiku-4-5-20251001") == report.price("claude-haiku-4-5") is not None
-    prior = report.estimated_cost(sweeps.DEFAULT_MODEL, PRIOR_RUN_USAGE)
-    assert sweeps.DEFAULT_RUNS * prior <= DEFAULT_MAX_COST  # the default command fits the default cap
+    prior = report.estimated_cost(flags.DEFAULT_MODEL, PRIOR_RUN_USAGE)
+    assert flags.DEFAULT_RUNS * prior <= DEFAULT_MAX_COST  # the default command fits the default cap
 
 
 def test_sweeps_never_share_or_merge_a_directory(tmp_path, monkeypatch):
@@ -336,4 +329,4 @@ def test_an_offline_summary_shows_no_pass_rate_band_verdict_or_model(tmp_path, c
     assert summary["model"] == "scripted" and summary["runs_per_level"] is None
     assert summary["pass_rate"] is summary["wilson_95"] is summary["in_target_band"] is None
     assert all(row["rate"] is row["wilson_95"] is row["overlaps_band"] is None for row in summary["levels"])
-    assert sweeps.DEFAULT_MODEL not in json.dumps(summary) and summary["graded"] == 4 and summary["passes"] == 1
+    assert flags.DEFAULT_MODEL not in json.dumps(summary) and summary["graded"] == 4 and summary["passes"] == 1
