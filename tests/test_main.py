@@ -307,13 +307,11 @@ def test_a_harness_crash_is_recorded_and_other_runs_finish(tmp_path, monkeypatch
 
 def test_a_decompression_bomb_fails_its_run_and_the_other_runs_finish(tmp_path):
     """The model writes the 2 KiB bz2 bomb (3 GiB inflated) and submits it, beside a run that passes."""
-    opts = main.parse_args(["--level", "1", "--out", str(tmp_path), "--concurrency", "2"])
+    opts = main.parse_args(["--level", "1", "--runs", "2", "--out", str(tmp_path), "--concurrency", "2"])
     write = f"open('bomb.npz', 'wb').write(bytes.fromhex({bz2_bomb().hex()!r}))"
     bomb = [reply(tool_use("python", {"code": write})), reply(tool_use("submit", {"path": "bomb.npz"}))]
-    sweep = Sweep(opts, 2, "test")
-    asyncio.run(main.run_all([main.Run(0, 0, 1), main.Run(1, 1, 1)],
-                             [ScriptedClient(bomb), ScriptedClient(conversion_script(None))], opts, ISOLATE, sweep))
-    by_id = {r.run_id: r for r in sweep.done}
+    scripts = {0: bomb, 1: conversion_script(None)}
+    by_id = {r.run_id: r for r in main.run_sweep(opts, ISOLATE, "test", lambda run: ScriptedClient(scripts[run.run_id])).runs}
     assert (by_id[0].outcome, by_id[0].label) == ("fail", "unreadable") and "zip method 12" in by_id[0].detail
     assert (by_id[1].outcome, by_id[1].label) == ("pass", "pass")
 
