@@ -76,7 +76,7 @@ def draw_conventions(level: Level, rng: np.random.Generator) -> tuple[dict, dict
 
     tp, hybrid = level.args["tensor_model_parallel_size"], "hybrid" in level.draws
     heads, groups = GQA_LAYOUTS[rng.integers(len(GQA_LAYOUTS))]
-    kind = rng.choice(["gqa", "mha", "mqa"] if "heads" in level.draws and tp == 1 else ["gqa", "mha"])
+    kind = rng.choice(["gqa", "mha", "mqa"] if tp == 1 else ["gqa", "mha"])  # MQA's one group cannot split over tp
     heads, groups = (heads, heads) if kind == "mha" else (heads, 1) if kind == "mqa" else (heads, groups)
     args = {"num_attention_heads": heads, "group_query_attention": kind != "mha", "num_query_groups": groups,
             "untie_embeddings_and_output_weights": coin(), "rotary_interleaved": False, "rotary_percent": 1.0,
