@@ -10,8 +10,10 @@ from typing import NamedTuple
 import numpy as np
 import pytest
 from conftest import reference
+from test_deep_levels import source_model_bits
 
 from conversions import MISTAKES, convert
+from data.source_model import bf16_to_float as decode_bf16
 from grader import grade
 from instances import Instance, make_instance
 
@@ -19,14 +21,9 @@ Weights = dict[str, np.ndarray]
 NORMS = ("input_layernorm.weight", "post_attention_layernorm.weight", "q_norm.weight", "k_norm.weight")
 
 
-def decode_bf16(bits: np.ndarray) -> np.ndarray:
-    return (bits.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
-
-
 def round_bf16(x: np.ndarray) -> np.ndarray:
     """To the nearest bfloat16 (ties to even), as the bf16 weights were rounded from the fp32 ones."""
-    bits = x.astype(np.float32).view(np.uint32).astype(np.uint64)
-    return decode_bf16((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16)
+    return decode_bf16(source_model_bits(x))
 
 
 def layer_keys(w: Weights, suffixes: str | tuple[str, ...]) -> list[str]:
